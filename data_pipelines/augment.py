@@ -15,6 +15,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from .samplers import mix_seeds
+
 TRANSFORM_KINDS = ("small", "imagenet", "none")
 
 # name -> (mean, std), on images scaled to [0, 1].
@@ -59,19 +61,62 @@ class MatchChannels(torch.nn.Module):
                          f"{self.channels} channels")
 
 
+class SmallImageTransform:
+    """The "small" recipe (pad-4 random crop + flip, then normalize) for uint8 CHW tensors,
+    about 10x faster than the equivalent v2.Compose on 28/32 px images.
+
+    Its randomness is a pure function of the per-sample seed (no RNG state is touched), so
+    AugmentedDataset can skip saving and restoring torch's RNG for every sample; at 2 cores the
+    generic path spent more time on that than the model spent on ResNet-8.
+    """
+    takes_seed = True
+
+    def __init__(self, train: bool, image_size: int, mean, std, in_channels: int,
+                 padding: int = 4):
+        self.train, self.size, self.pad = train, image_size, padding
+        self.match = MatchChannels(in_channels)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255)
+
+    def crop_params(self, seed: int, height: int, width: int) -> tuple[int, int, bool]:
+        """(top, left, flip) in padded coordinates, from 64 well-mixed bits of the seed."""
+        h = mix_seeds(seed)
+        span_y = height + 2 * self.pad - self.size + 1
+        span_x = width + 2 * self.pad - self.size + 1
+        if span_y < 1 or span_x < 1:
+            raise ValueError(f"small augmentation: image {height}x{width} is smaller than "
+                             f"data.image_size={self.size} even after padding")
+        return h % span_y, (h >> 20) % span_x, bool((h >> 40) & 1)
+
+    def __call__(self, img, seed: int | None = None) -> torch.Tensor:
+        x = img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img)
+        x = self.match(x.as_subclass(torch.Tensor))
+        if self.train:
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, ()).item())
+            top, left, flip = self.crop_params(seed, x.shape[-2], x.shape[-1])
+            p = self.pad
+            x = torch.nn.functional.pad(x, (p, p, p, p))[:, top:top + self.size,
+                                                           left:left + self.size]
+            if flip:
+                x = x.flip(-1)
+        elif x.shape[-2:] != (self.size, self.size):
+            x = TF.center_crop(x, [self.size, self.size])
+        return (x.float() - self.mean) * self.inv_std
+
+
 def build_transform(kind: str, train: bool, image_size: int, mean: Sequence[float],
-                    std: Sequence[float], in_channels: int) -> v2.Compose:
+                    std: Sequence[float], in_channels: int):
     """Build the train or eval pipeline ending in a normalized float32 CHW tensor."""
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(f"build_transform: expected mean and std with in_channels="
                          f"{in_channels} values, got {len(mean)} and {len(std)}")
     if any(s <= 0 for s in std):
         raise ValueError(f"build_transform: std values must be positive, got {list(std)}")
-    ops: list = [v2.ToImage(), MatchChannels(in_channels)]
     if kind == "small":
-        if train:
-            ops += [v2.RandomCrop(image_size, padding=4), v2.RandomHorizontalFlip()]
-    elif kind == "imagenet":
+        return SmallImageTransform(train, image_size, mean, std, in_channels)
+    ops: list = [v2.ToImage(), MatchChannels(in_channels)]
+    if kind == "imagenet":
         if train:
             ops += [v2.RandomResizedCrop(image_size, antialias=True),
                     v2.RandomHorizontalFlip()]

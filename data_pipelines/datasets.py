@@ -46,9 +46,12 @@ class AugmentedDataset(torch.utils.data.Dataset):
                 raise TypeError(f"AugmentedDataset: expected key int or (index, sample_seed), "
                                 f"got {key!r}")
             index, sample_seed = int(key[0]), int(key[1])
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
-                img = self._apply(index)
+            if getattr(self.transform, "takes_seed", False):  # seeded without touching RNG
+                img = _to_tensor(self.transform(self.source.load(index), sample_seed))
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed)
+                    img = self._apply(index)
         elif isinstance(key, (numbers.Integral, np.integer)):
             index = int(key)
             img = self._apply(index)

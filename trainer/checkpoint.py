@@ -1,0 +1,80 @@
+"""Atomic checkpoints with everything exact resume needs, loaded with weights_only=True.
+
+A checkpoint is written to a temporary file in the same folder and renamed over the old one,
+so a job killed while saving leaves the previous checkpoint intact. RNG states are stored as
+tensors and plain Python values so that `torch.load(weights_only=True)` accepts them.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+LAST = "checkpoint_last.pt"
+
+
+def atomic_save(obj, path: str):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def safe_load(path: str, map_location="cpu"):
+    """Load a checkpoint we (or anyone) wrote without executing pickled code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated file, foreign pickle, ...
+        raise RuntimeError(f"{path}: cannot be read as a checkpoint ({e})") from None
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_rest": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": _python_state_to_tensor(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, cached = state["numpy_rest"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
+                         int(pos), int(has_gauss), float(cached)))
+    random.setstate(_python_state_from_tensor(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_tensor(st) -> torch.Tensor:
+    version, internal, gauss = st
+    # version, 625 state words, then a flag + value for the cached gaussian
+    return torch.tensor([version, *internal, gauss is not None,
+                         0 if gauss is None else int(np.float64(gauss).view(np.int64))],
+                        dtype=torch.int64)
+
+
+def _python_state_from_tensor(t: torch.Tensor):
+    vals = [int(v) for v in t.tolist()]
+    gauss = float(np.int64(vals[-1]).view(np.float64)) if vals[-2] else None
+    return (vals[0], tuple(vals[1:-2]), gauss)
+
+
+def last_checkpoint(run_dir: str) -> str | None:
+    path = os.path.join(run_dir, LAST)
+    return path if os.path.isfile(path) else None

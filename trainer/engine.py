@@ -1,0 +1,301 @@
+"""The one training engine. Every method runs through `Trainer`; a method only plugs in its model
+and its step (see methods/base.py).
+
+The loop is written so that a run killed at any step and started again with the same command
+ends with the same weights: the sampler and the lr schedule are pure functions of
+(seed, epoch, step), augmentation is seeded per sample, and checkpoints carry the optimizer,
+scaler, method and RNG states.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data_pipelines.build import build_data
+
+from . import checkpoint as ckpt
+from . import distributed as dist_utils
+from .config import Config, save_config
+from .methods import create_method
+from .metrics import evaluate_predictions, plot_per_class_accuracy
+from .models import export_torchvision_state_dict
+from .run_log import Progress, RunLog
+from .schedules import lr_factor
+
+KILL_ENV = "LTT_KILL_AT_STEP"  # test hook: SIGKILL ourselves after this global step
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def configure_runtime(cfg: Config, info: dist_utils.DistInfo):
+    """Threads, determinism and seeds, before any model or data exists."""
+    if info.device.type == "cpu":
+        threads = cfg.engine.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
+        torch.set_num_threads(threads)
+    if cfg.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    seed_everything(cfg.run.seed)
+
+
+def build_optimizer(cfg_optim, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    fused = {"on": True, "off": False, "auto": device.type == "cuda"}[cfg_optim.fused]
+    for g in groups:
+        g.setdefault("base_lr", cfg_optim.lr * g.pop("lr_scale", 1.0))
+    return torch.optim.SGD(groups, lr=cfg_optim.lr, momentum=cfg_optim.momentum,
+                           weight_decay=cfg_optim.weight_decay, nesterov=cfg_optim.nesterov,
+                           fused=True if fused else None)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | None = None):
+        self.cfg = cfg
+        self.info = dist_utils.setup(cfg.engine.device, cfg.dist.backend)
+        self.device = self.info.device
+        self.run_dir = run_dir or os.path.join(cfg.run.out_dir, cfg.run.name)
+        os.makedirs(self.run_dir, exist_ok=True)
+        configure_runtime(cfg, self.info)
+        self.log = RunLog(self.run_dir, self.info.is_main, cfg.engine.progress)
+        if self.info.is_main:
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+
+        world = self.info.world_size
+        if cfg.data.batch_size % world:
+            raise ValueError(f"data.batch_size = {cfg.data.batch_size} (global) must be divisible "
+                             f"by the number of processes ({world})")
+        self.data = build_data(cfg.data, rank=self.info.rank, world_size=world,
+                               seed=cfg.run.seed, eval_splits=(cfg.eval.split,))
+        self.method = create_method(cfg, self.data, self.device)
+        self.model = self.method.model.to(self.device)
+        self.memory_format = (torch.channels_last if cfg.model.channels_last
+                              else torch.contiguous_format)
+        self.model = self.model.to(memory_format=self.memory_format)
+        train_model = torch.compile(self.model) if cfg.model.compile else self.model
+        if self.info.enabled:
+            train_model = DDP(train_model, device_ids=[self.device.index]
+                              if self.device.type == "cuda" else None)
+        self.train_model = train_model
+        self.optimizer = build_optimizer(cfg.optim, self.method.param_groups(), self.device)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.engine.amp == "fp16")
+
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.results_path = os.path.join(self.run_dir, "results.json")
+        self._resume()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "method": self.method.state_dict(),
+            "progress": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                         "global_step": self.global_step},
+            "rng": ckpt.rng_state(),
+        }
+
+    def save_checkpoint(self):
+        if self.info.is_main:
+            ckpt.atomic_save(self.state_dict(), os.path.join(self.run_dir, ckpt.LAST))
+        dist_utils.barrier()
+
+    def _resume(self):
+        path = ckpt.last_checkpoint(self.run_dir)
+        if path is None:
+            return
+        state = ckpt.safe_load(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.method.load_state_dict(state["method"])
+        p = state["progress"]
+        self.epoch, self.step_in_epoch, self.global_step = (
+            p["epoch"], p["step_in_epoch"], p["global_step"])
+        ckpt.set_rng_state(state["rng"])
+        self.log.truncate_metrics(self.global_step)
+        self.log.info(f"resumed from {path}: epoch {self.epoch}, step {self.step_in_epoch} "
+                      f"of the epoch, global step {self.global_step}")
+
+    # ------------------------------------------------------------------ loop
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, batch):
+        images, labels = batch
+        images = images.to(self.device, non_blocking=True)
+        if images.dim() == 4:
+            images = images.contiguous(memory_format=self.memory_format)
+        return images, labels.to(self.device, non_blocking=True)
+
+    def _set_lr(self, step: int, steps: int):
+        f = lr_factor(self.cfg.sched, self.cfg.optim.lr, self.epoch, step, steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * f
+        return self.cfg.optim.lr * f
+
+    def _optimizer_step(self, loss: torch.Tensor):
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _steps_left(self) -> bool:
+        return not (self.cfg.engine.max_steps and self.global_step >= self.cfg.engine.max_steps)
+
+    def train_epoch(self) -> bool:
+        """Run (the rest of) one epoch; return False when max_steps cut it short."""
+        cfg = self.cfg
+        choice = self.method.on_epoch_start(self.epoch)
+        loader, sampler = self.data.train_loader(choice.kind, self.epoch, self.step_in_epoch,
+                                                 class_weights=choice.class_weights)
+        steps = sampler.num_batches
+        if steps == 0:
+            raise ValueError(f"data.batch_size = {cfg.data.batch_size} is larger than one epoch "
+                             f"of {len(self.data.train)} training samples on {self.info.world_size} process(es)")
+        self.train_model.train()
+        progress = Progress(self.log, steps, self.step_in_epoch,
+                            f"epoch {self.epoch + 1}/{cfg.sched.epochs}",
+                            cfg.engine.log_every, cfg.data.batch_size)
+        kill_at = int(os.environ.get(KILL_ENV, "0"))
+        for batch in loader:
+            lr = self._set_lr(self.step_in_epoch, steps)
+            images, labels = self._to_device(batch)
+            with self.autocast():
+                loss, logs = self.method.training_step(self.train_model, (images, labels))
+            self._optimizer_step(loss)
+            self.method.on_step_end(self.train_model, self.global_step)
+            self.global_step += 1
+            self.step_in_epoch += 1
+            if self.global_step % cfg.engine.log_every == 0 or self.step_in_epoch == steps:
+                values = {k: float(v) for k, v in logs.items()}
+                if not math.isfinite(values.get("loss", 0.0)):
+                    raise FloatingPointError(
+                        f"loss is {values['loss']} at epoch {self.epoch}, step "
+                        f"{self.step_in_epoch}: lower optim.lr or set optim.grad_clip")
+                self.log.metrics({"kind": "train", "step": self.global_step,
+                                  "epoch": self.epoch, "lr": lr, **values})
+                progress.update(values)
+            else:
+                progress.update({})
+            if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
+                self.save_checkpoint()
+            if kill_at and self.global_step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if not self._steps_left():
+                break
+        progress.close()
+        finished = self.step_in_epoch >= steps
+        if finished:
+            self.epoch += 1
+            self.step_in_epoch = 0
+        return finished
+
+    def fit(self) -> dict:
+        if os.path.exists(self.results_path):
+            self.log.info(f"{self.results_path} exists: this run is complete")
+            with open(self.results_path) as f:
+                return json.load(f)
+        cfg = self.cfg
+        self.log.info(f"training {cfg.method.name} / {cfg.model.name} on {cfg.data.source} "
+                      f"({len(self.data.train)} images, {self.data.num_classes} classes, "
+                      f"counts {self.data.class_counts}) with {self.info.world_size} process(es) "
+                      f"on {self.device}; run folder {self.run_dir}")
+        t0 = time.time()
+        while self.epoch < cfg.sched.epochs and self._steps_left():
+            if not self.train_epoch():
+                break
+            every = cfg.eval.every_epochs
+            if every and self.epoch % every == 0 and self.epoch < cfg.sched.epochs:
+                self.evaluate()
+            self.save_checkpoint()
+        self.save_checkpoint()
+        return self.finish(time.time() - t0)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted and true labels of a whole split, gathered from every rank."""
+        self.model.eval()
+        preds, labels = [], []
+        for batch in self.data.eval_loader(split):
+            images, y = self._to_device(batch)
+            with self.autocast():
+                logits = self.method.predict(self.model, images)
+            preds.append(logits.argmax(1))
+            labels.append(y)
+        self.model.train()
+        pred = dist_utils.all_gather_cat(torch.cat(preds))
+        true = dist_utils.all_gather_cat(torch.cat(labels))
+        return pred.cpu().numpy(), true.cpu().numpy()
+
+    def evaluate(self, split: str | None = None) -> dict:
+        split = split or self.cfg.eval.split
+        pred, true = self.predict(split)
+        m = evaluate_predictions(pred, true, self.data.num_classes, self.data.class_counts,
+                                 many=self.cfg.eval.many, few=self.cfg.eval.few)
+        summary = {k: m[k] for k in ("top1", "balanced_top1", "balanced_error",
+                                     "many", "medium", "few")}
+        self.log.metrics({"kind": f"eval_{split}", "step": self.global_step,
+                          "epoch": self.epoch, **summary})
+        shots = " ".join(f"{k} {summary[k]:.2f}" for k in ("many", "medium", "few")
+                         if summary[k] is not None)
+        self.log.info(f"eval {split} after epoch {self.epoch}: balanced error "
+                      f"{m['balanced_error']:.2f}% (top-1 {m['top1']:.2f}%) {shots}")
+        return m
+
+    def finish(self, seconds: float) -> dict:
+        m = self.evaluate()
+        results = {"name": self.cfg.run.name, "method": self.cfg.method.name,
+                   "loss": self.cfg.loss.name, "train_rule": self.cfg.train_rule.name,
+                   "model": self.cfg.model.name, "seed": self.cfg.run.seed,
+                   "split": self.cfg.eval.split, "epochs": self.epoch,
+                   "global_step": self.global_step, "world_size": self.info.world_size,
+                   "train_seconds": round(seconds, 1), "class_counts": self.data.class_counts,
+                   **m}
+        if self.info.is_main:
+            d = self.run_dir
+            torch.save(self.model.state_dict(), os.path.join(d, "model_final.pt"))
+            torch.save(export_torchvision_state_dict(self.model),
+                       os.path.join(d, "model_torchvision.pt"))
+            plot_per_class_accuracy(m["per_class_acc"], self.data.class_counts,
+                                    os.path.join(d, "per_class_accuracy.png"),
+                                    title=f"{self.cfg.run.name}: balanced error "
+                                          f"{m['balanced_error']:.2f}%")
+            with open(self.results_path + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(self.results_path + ".tmp", self.results_path)
+            self.log.info(f"results in {self.results_path}")
+        dist_utils.barrier()
+        return results
+
+
+def train(cfg: Config, run_dir: str | None = None) -> dict:
+    """Run one config to the end (or resume it) in this process; returns results.json."""
+    trainer = Trainer(cfg, run_dir)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.log.close()
+        dist_utils.cleanup()

@@ -1,0 +1,21 @@
+"""Methods by name. Each file registers one method; the engine looks them up here."""
+from __future__ import annotations
+
+from .base import Method
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def create_method(cfg, data, device) -> Method:
+    if cfg.method.name not in METHODS:
+        raise ValueError(f"method.name = {cfg.method.name!r} is unknown; "
+                         f"available: {', '.join(sorted(METHODS))}")
+    return METHODS[cfg.method.name](cfg, data, device)
+
+
+from . import supervised  # noqa: E402,F401  (registers itself)

@@ -1,0 +1,61 @@
+"""The contract between the engine and a method.
+
+The engine owns the loop: devices, DDP, mixed precision, the optimizer and lr schedule,
+checkpoints, logging and evaluation. A method owns only what differs between methods: the
+model it trains, what one step computes, and what it needs at an epoch boundary. Randomness a
+method uses inside a step should come from a generator seeded by (run seed, global step) so
+that a resumed run repeats it exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SamplerChoice:
+    """How to draw training samples this epoch (see data_pipelines.samplers.build_sampler)."""
+    kind: str = "uniform"
+    class_weights: list[float] | None = None   # for kind 'cb': per-class sample weights
+
+
+class Method:
+    name = "base"
+
+    def __init__(self, cfg, data, device: torch.device):
+        self.cfg, self.data, self.device = cfg, data, device
+        self.model: nn.Module = self.build_model()
+
+    # -- what a method must provide -------------------------------------------------
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def training_step(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        """Return (loss, {name: scalar tensor}) for one batch; `model` may be DDP-wrapped."""
+        raise NotImplementedError
+
+    # -- what a method may override -------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """Parameters the optimizer updates (default: every trainable parameter)."""
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def on_epoch_start(self, epoch: int) -> SamplerChoice:
+        """Called before each epoch; says how to draw this epoch's samples."""
+        return SamplerChoice()
+
+    def on_step_end(self, model: nn.Module, global_step: int) -> None:
+        """Called after the optimizer step (e.g. momentum-encoder updates)."""
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Logits for evaluation."""
+        return model(images)
+
+    def state_dict(self) -> dict:
+        """Extra state beyond the model's parameters (e.g. a queue)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
