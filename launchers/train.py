@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, let rank 0 speak
+        return 0
     shots = {k: results.get(k) for k in ("many", "medium", "few")}
     print(f"{cfg.run.name}: balanced error {results['balanced_error']:.2f}% "
           f"(many/medium/few accuracy {shots})")

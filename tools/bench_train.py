@@ -1,0 +1,82 @@
+"""Training throughput of the engine against a bare hand-written PyTorch loop, in one run.
+
+    python tools/bench_train.py [CONFIG] [--epochs 3] [--repeats 3] [key=value ...]
+
+Both loops train the same model (built by the same method) on the same dataset and transform
+with the same batch size, optimizer and number of threads; the bare loop is the ten lines a
+user would write (DataLoader with shuffle, forward, CE, backward, SGD step). The engine adds
+its sampler, lr schedule, logging, loss checks and per-epoch checkpoint. Each side runs
+`--repeats` times, alternating, and the best epoch time of each is compared.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from trainer.config import load_config  # noqa: E402
+from trainer.engine import Trainer  # noqa: E402
+
+
+def bare_epoch(model, dataset, batch, lr, memory_format) -> tuple[float, int]:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=2e-4)
+    model.train()
+    n, t0 = 0, time.perf_counter()
+    for images, labels in loader:
+        images = images.contiguous(memory_format=memory_format)
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n += len(images)
+    return time.perf_counter() - t0, n
+
+
+def engine_epoch(trainer: Trainer) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    trainer.train_epoch()
+    trainer.save_checkpoint()
+    steps = trainer.data.train_loader("uniform", trainer.epoch)[1].num_batches
+    return time.perf_counter() - t0, steps * trainer.cfg.data.batch_size
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("config", nargs="?", default=os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(args.config, [f"run.out_dir={tmp}", "engine.progress=off",
+                                        "sched.warmup_epochs=0", *args.overrides])
+        trainer = Trainer(cfg)
+        bare_model = trainer.method.build_model().to(memory_format=trainer.memory_format)
+        rates = {"bare loop": [], "engine": []}
+        for _ in range(args.repeats):
+            sec, n = bare_epoch(bare_model, trainer.data.train, cfg.data.batch_size,
+                                cfg.optim.lr, trainer.memory_format)
+            rates["bare loop"].append(n / sec)
+            sec, n = engine_epoch(trainer)
+            rates["engine"].append(n / sec)
+        trainer.log.close()
+    best = {k: max(v) for k, v in rates.items()}
+    print(f"config {os.path.basename(args.config)}: model {cfg.model.name}, batch "
+          f"{cfg.data.batch_size}, {torch.get_num_threads()} threads, best of {args.repeats} epochs")
+    print("| loop | images/s (best) | all epochs |")
+    print("|---|---|---|")
+    for k, v in rates.items():
+        print(f"| {k} | {best[k]:.0f} | {', '.join(f'{x:.0f}' for x in v)} |")
+    print(f"ratio engine / bare loop: {best['engine'] / best['bare loop']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
