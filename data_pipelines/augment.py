@@ -17,7 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .samplers import mix_seeds
 
-TRANSFORM_KINDS = ("small", "imagenet", "none")
+TRANSFORM_KINDS = ("small", "imagenet", "moco", "none")
 
 # name -> (mean, std), on images scaled to [0, 1].
 DEFAULT_STATS = {
@@ -113,10 +113,12 @@ def build_transform(kind: str, train: bool, image_size: int, mean: Sequence[floa
                          f"{in_channels} values, got {len(mean)} and {len(std)}")
     if any(s <= 0 for s in std):
         raise ValueError(f"build_transform: std values must be positive, got {list(std)}")
-    if kind == "small":
+    if kind == "small" or (kind == "moco" and not train and image_size <= 64):
         return SmallImageTransform(train, image_size, mean, std, in_channels)
+    if kind == "moco" and train:
+        return TwoViews(moco_v2_ops(image_size, in_channels) + _normalize(mean, std))
     ops: list = [v2.ToImage(), MatchChannels(in_channels)]
-    if kind == "imagenet":
+    if kind == "imagenet" or kind == "moco":
         if train:
             ops += [v2.RandomResizedCrop(image_size, antialias=True),
                     v2.RandomHorizontalFlip()]
@@ -126,6 +128,37 @@ def build_transform(kind: str, train: bool, image_size: int, mean: Sequence[floa
     elif kind != "none":
         raise ValueError(f"build_transform: unknown kind {kind!r}; expected one of "
                          f"{TRANSFORM_KINDS}")
-    ops += [v2.ToDtype(torch.float32, scale=True),
+    return v2.Compose(ops + _normalize(mean, std))
+
+
+def _normalize(mean, std) -> list:
+    return [v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(map(float, mean)), std=list(map(float, std)))]
-    return v2.Compose(ops)
+
+
+def moco_v2_ops(image_size: int, in_channels: int) -> list:
+    """MoCo v2's "aug+": crop scale (0.2, 1), colour jitter p=0.8, grayscale p=0.2, Gaussian
+    blur (sigma 0.1-2) p=0.5, flip. On 1-channel images saturation, hue and grayscale have no
+    meaning and are left out; the blur kernel is ~10% of the image side (23 px at 224)."""
+    if in_channels == 3:
+        jitter = v2.ColorJitter(0.4, 0.4, 0.4, 0.1)
+        gray = [v2.RandomGrayscale(p=0.2)]
+    else:
+        jitter, gray = v2.ColorJitter(0.4, 0.4), []
+    kernel = max(3, int(image_size * 0.1) // 2 * 2 + 1)
+    return [v2.ToImage(), MatchChannels(in_channels),
+            v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
+            v2.RandomApply([jitter], p=0.8), *gray,
+            v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomHorizontalFlip()]
+
+
+class TwoViews:
+    """Two independent augmentations of one image, stacked as [2, C, H, W] (MoCo's query and
+    key views); a batch is then [B, 2, C, H, W]."""
+
+    def __init__(self, ops: list):
+        self.transform = v2.Compose(ops)
+
+    def __call__(self, img) -> torch.Tensor:
+        return torch.stack([self.transform(img).as_subclass(torch.Tensor) for _ in range(2)])

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .augment import DEFAULT_STATS, build_transform
 from .datasets import AugmentedDataset
 from .longtail import class_counts, make_lt_subset
 from .samplers import SequentialSampler, build_sampler
-from .sources import DataError, open_source
+from .sources import DataError, SubsetSource, open_source
 from .torchvision_loader import build_torchvision_loader
 
 # SVHN-LT in the reference puts label 0 last in the head-to-tail order.
 CLASS_ORDER = {"svhn": [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]}
-EVAL_SPLIT_NAMES = {"test": "test", "val": "val"}
 
 
 @dataclass
@@ -32,7 +33,18 @@ class DataBundle:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
+    open_eval: object = None
     _loaders: dict = field(default_factory=dict)
+
+    def eval_dataset(self, split: str) -> AugmentedDataset:
+        if split not in self.evals:
+            self.evals[split] = self.open_eval(split)
+        return self.evals[split]
+
+    def replace_train(self, dataset: AugmentedDataset):
+        """Train on another dataset of the same samples (e.g. cached features)."""
+        self.train = dataset
+        self._loaders = {k: v for k, v in self._loaders.items() if k[0] == "eval"}
 
     @property
     def local_batch(self) -> int:
@@ -40,24 +52,22 @@ class DataBundle:
 
     def train_loader(self, kind: str, epoch: int, start_batch: int = 0, class_weights=None):
         """(loader, sampler) positioned at `start_batch` of `epoch`."""
-        if kind not in self._loaders:
+        key = ("train", kind)
+        if key not in self._loaders:
             sampler = build_sampler(kind, self.train.source.labels, batch_size=self.local_batch,
                                     world_size=self.world_size, rank=self.rank, seed=self.seed,
                                     class_weights=class_weights)
             loader = build_torchvision_loader(self.train, sampler, self.local_batch,
                                               self.cfg["workers"], self.seed + 7919 * self.rank)
-            self._loaders[kind] = (loader, sampler)
-        loader, sampler = self._loaders[kind]
+            self._loaders[key] = (loader, sampler)
+        loader, sampler = self._loaders[key]
         sampler.set_epoch(epoch, start_batch)
         return loader, sampler
 
     def eval_loader(self, split: str):
         key = ("eval", split)
         if key not in self._loaders:
-            if split not in self.evals:
-                raise DataError(f"no '{split}' split: data.source = {self.cfg['source']!r} "
-                                f"provides {', '.join(self.evals) or 'none'}")
-            ds = self.evals[split]
+            ds = self.eval_dataset(split)
             sampler = SequentialSampler(len(ds), self.world_size, self.rank)
             bs = max(1, self.cfg["eval_batch_size"] // self.world_size)
             self._loaders[key] = build_torchvision_loader(ds, sampler, bs, self.cfg["workers"],
@@ -71,12 +81,32 @@ def _open(cfg, split: str):
                        num_classes=cfg.get("num_classes"))
 
 
+def held_out_per_class(full, used, per_class: int, seed: int):
+    """Indices of `per_class` images of each class of `full` that are not in `used`
+    (a balanced validation split from the train images a long-tailed subset left out)."""
+    labels = np.asarray(full.labels)
+    free = np.setdiff1d(np.arange(len(labels)), np.asarray(used))
+    rng = np.random.RandomState(seed)
+    picked = []
+    for c in range(full.num_classes):
+        pool = free[labels[free] == c]
+        if len(pool) < per_class:
+            raise DataError(f"data.val_per_class = {per_class}: class {c} has only {len(pool)} "
+                            f"train images outside the long-tailed subset")
+        picked.append(np.sort(rng.permutation(pool)[:per_class]))
+    return np.concatenate(picked)
+
+
 def build_data(cfg, rank: int = 0, world_size: int = 1, seed: int = 0,
                eval_splits=("test",)) -> DataBundle:
-    """Open the train split (made long-tailed as configured) and the evaluation splits."""
-    train_src = _open(cfg, "train")
+    """Open the train split (made long-tailed as configured) and the evaluation splits.
+
+    Evaluation splits: 'test', 'val' (a list/folder split, or `val_per_class` held-out train
+    images), and 'train' (the training images without augmentation, for feature banks)."""
+    full_train = _open(cfg, "train")
+    train_src = full_train
     if cfg["imbalance"] != "none":
-        train_src = make_lt_subset(train_src, n_max=cfg["n_max"], rho=cfg["rho"],
+        train_src = make_lt_subset(full_train, n_max=cfg["n_max"], rho=cfg["rho"],
                                    profile=cfg["imbalance"], seed=cfg["lt_seed"],
                                    class_order=CLASS_ORDER.get(cfg["source"]))
     stats_name = cfg["stats"] or cfg["source"]
@@ -90,7 +120,24 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, seed: int = 0,
         t = build_transform(cfg["augment"], train, cfg["image_size"], mean, std, in_channels)
         return AugmentedDataset(src, t)
 
-    evals = {split: dataset(_open(cfg, split), False) for split in eval_splits}
+    def open_eval(split):
+        if split == "train":
+            return dataset(train_src, False)
+        if split == "val" and cfg.get("val_per_class"):
+            used = getattr(train_src, "indices", np.arange(0))
+            idx = held_out_per_class(full_train, used, cfg["val_per_class"], cfg["lt_seed"] + 1)
+            return dataset(SubsetSource(full_train, idx), False)
+        try:
+            return dataset(_open(cfg, split), False)
+        except DataError as e:
+            if split != "val":
+                raise
+            raise DataError(f"{e} (for a validation split of held-out train images set "
+                            f"data.val_per_class)") from None
+
     counts = class_counts(train_src.labels, train_src.num_classes)
-    return DataBundle(cfg, dataset(train_src, True), evals, train_src.num_classes, in_channels,
-                      counts, rank, world_size, seed)
+    bundle = DataBundle(cfg, dataset(train_src, True), {}, train_src.num_classes, in_channels,
+                        counts, rank, world_size, seed, open_eval=open_eval)
+    for split in eval_splits:  # open now, so that a missing split fails before training
+        bundle.eval_dataset(split)
+    return bundle

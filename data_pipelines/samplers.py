@@ -1,9 +1,11 @@
 """Training samplers that are pure functions of (seed, epoch), for exact resume and DDP.
 
-Each epoch one GLOBAL order is built from a torch.Generator seeded by (seed, epoch); rank r
-takes ``order[r::world_size]``. With global batch B = local batch b x world, the ranks' i-th
-local batches together are exactly the i-th global batch of a single-process run, so a run
-on W GPUs sees the same batches as a run on one. The tail that does not fill a whole global
+Each epoch one GLOBAL order is built from a torch.Generator seeded by (seed, epoch) and cut
+into global batches of B = local batch b x world; rank r takes the r-th contiguous slice of b
+items of each global batch. So the ranks' i-th local batches, concatenated in rank order, are
+exactly the i-th global batch of a single-process run: a run on W GPUs sees the same batches
+as a run on one, and per-rank statistics (BatchNorm, MoCo's shuffled keys) equal those of
+contiguous groups of the single-process batch. The tail that does not fill a whole global
 batch is dropped so every rank runs the same number of steps.
 
 Training samplers yield ``(index, sample_seed)``: sample_seed depends only on
@@ -109,9 +111,9 @@ class _TrainSampler(Sampler):
 
     def local_positions(self) -> np.ndarray:
         """Global positions this rank yields this epoch, after the skip."""
-        used = self.num_batches * self.batch_size * self.world_size
-        pos = np.arange(self.rank, used, self.world_size, dtype=np.int64)
-        return pos[self.start_batch * self.batch_size:]
+        b, w = self.batch_size, self.world_size
+        starts = np.arange(self.start_batch, self.num_batches, dtype=np.int64) * b * w + self.rank * b
+        return (starts[:, None] + np.arange(b, dtype=np.int64)[None, :]).ravel()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = self.global_order().numpy()

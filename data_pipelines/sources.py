@@ -128,6 +128,26 @@ class FileSource:
         return f"{self.full_path(i)} ({self.origin_of(i)})"
 
 
+class TensorSource:
+    """Precomputed inputs (e.g. frozen-backbone features for cRT) behind the source interface."""
+
+    def __init__(self, tensor, labels, num_classes: int, name: str = "features"):
+        self.tensor = tensor
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.num_classes = int(num_classes)
+        self.name = name
+        self.in_channels = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int):
+        return self.tensor[i]
+
+    def describe(self, i: int) -> str:
+        return f"{self.name}[{i}]"
+
+
 class SubsetSource:
     """A view of some items of another source, in the given order (e.g. a long-tailed subset)."""
 

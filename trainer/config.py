@@ -64,6 +64,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "workers": F("int", 0, help="DataLoader workers per rank"),
         "loader": F("str", "torchvision", "torchvision"),
         "check_files": F("bool", False, help="stat every listed image before training"),
+        "val_per_class": F("int", 0, help="make a balanced 'val' split of this many unused "
+                                          "train images per class (array sources)"),
     },
     "model": {
         "name": F("str", "resnet32"),
@@ -71,6 +73,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "small_input": F("bool", False, help="3x3 stem for torchvision ResNets on 28/32 px"),
         "channels_last": F("bool", False),
         "compile": F("bool", False, help="torch.compile the model"),
+        "init": F("str", None, nullable=True,
+                  help="weights to start from: a run folder, a checkpoint (ours, MoCo's "
+                       "'module.encoder_q.' format or a torchvision state dict) or '@stage'"),
+        "init_head": F("bool", False, help="also load the classifier (tau-norm, LWS)"),
     },
     "loss": {
         "name": F("str", "ce", "ce", "focal", "ldam"),
@@ -104,7 +110,33 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "min_lr": F("float", 0.0, help="cosine floor"),
     },
     "method": {
-        "name": F("str", "supervised"),
+        "name": F("str", "supervised", help="supervised, moco, rotation, crt, lws, "
+                  "linear_probe, ncm, tau_norm"),
+    },
+    "moco": {
+        "dim": F("int", 128, help="projection (key) dimension"),
+        "queue": F("int", 65536, help="K: queue length, a multiple of the global batch"),
+        "momentum": F("float", 0.999, help="key encoder EMA momentum"),
+        "temperature": F("float", 0.2),
+        "bn_splits": F("int", 0, help="BatchNorm groups per global batch (shuffled BN); "
+                                      "0 = one per process, or 4 for a single process"),
+    },
+    "knn": {
+        "k": F("int", 20, help="neighbours of the kNN monitor of self-supervised methods"),
+        "t": F("float", 0.1, help="temperature of the neighbours' weighted vote"),
+    },
+    "classifier": {
+        "sampler": F("str", "class_aware", "uniform", "class_aware", "sqrt",
+                     help="sampling of frozen-backbone methods (cRT: class_aware)"),
+        "cache_features": F("bool", False, help="embed the training set once (needs "
+                                                "data.augment: none)"),
+        "reinit": F("bool", True, help="re-initialize the classifier (cRT, linear probe)"),
+    },
+    "tau_norm": {
+        "tau": F("float", None, nullable=True, help="null = choose on eval.tau_split"),
+        "grid": F("list", [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0], item="float"),
+        "split": F("str", "val", "val", "test", "train",
+                   help="split that chooses tau (val; 'test' only to reproduce oracles)"),
     },
     "engine": {
         "device": F("str", "auto", "auto", "cpu", "cuda"),
@@ -119,7 +151,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "eval": {
         "every_epochs": F("int", 1, help="0 = only at the end"),
-        "split": F("str", "test", "test", "val"),
+        "split": F("str", "test", "test", "val", "train"),
         "many": F("int", 100, help="many-shot: more than this many training images"),
         "few": F("int", 20, help="few-shot: fewer than this many training images"),
     },
@@ -374,6 +406,15 @@ def check_consistency(cfg: Config, origins: dict | None = None):
     for key in ("batch_size", "eval_batch_size"):
         if cfg.data[key] < 1:
             raise ConfigError(f"{_where(o, 'data.' + key)}: data.{key} must be >= 1")
+    if cfg.method.name == "moco" and cfg.moco.queue % cfg.data.batch_size:
+        raise ConfigError(f"{_where(o, 'moco.queue')}: moco.queue = {cfg.moco.queue} must be a "
+                          f"multiple of the global batch data.batch_size = {cfg.data.batch_size}")
+    if cfg.method.name == "moco" and cfg.data.augment != "moco":
+        raise ConfigError(f"{_where(o, 'method.name')}: method 'moco' needs two views per "
+                          f"image: set data.augment: moco")
+    if cfg.classifier.cache_features and cfg.data.augment != "none":
+        raise ConfigError(f"{_where(o, 'classifier.cache_features')}: cached features are "
+                          f"only exact without augmentation; set data.augment: none")
     if cfg.data.rho < 1:
         raise ConfigError(f"{_where(o, 'data.rho')}: data.rho = {cfg.data.rho} must be >= 1 "
                           f"(rho = n_max / n_min)")

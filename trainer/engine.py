@@ -82,11 +82,15 @@ class Trainer:
         self.data = build_data(cfg.data, rank=self.info.rank, world_size=world,
                                seed=cfg.run.seed, eval_splits=(cfg.eval.split,))
         self.method = create_method(cfg, self.data, self.device)
+        self.method.trainer = self
+        if self.method.init_message:
+            self.log.info(self.method.init_message)
         self.model = self.method.model.to(self.device)
         self.memory_format = (torch.channels_last if cfg.model.channels_last
                               else torch.contiguous_format)
         self.model = self.model.to(memory_format=self.memory_format)
-        train_model = torch.compile(self.model) if cfg.model.compile else self.model
+        module = self.method.train_module()
+        train_model = torch.compile(module) if cfg.model.compile else module
         if self.info.enabled:
             train_model = DDP(train_model, device_ids=[self.device.index]
                               if self.device.type == "cuda" else None)
@@ -182,6 +186,7 @@ class Trainer:
         for batch in loader:
             lr = self._set_lr(self.step_in_epoch, steps)
             images, labels = self._to_device(batch)
+            self.method.global_step = self.global_step
             with self.autocast():
                 loss, logs = self.method.training_step(self.train_model, (images, labels))
             self._optimizer_step(loss)
@@ -234,21 +239,32 @@ class Trainer:
         return self.finish(time.time() - t0)
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted and true labels of a whole split, gathered from every rank."""
+        """Predicted and true labels of a whole split, in dataset order."""
+        self.method.prepare_eval(self)
+        pred, true = self.embed(split, lambda x: self.method.predict(self.model, x).argmax(1))
+        return pred.long().cpu().numpy(), true.cpu().numpy()
+
+    @torch.no_grad()
+    def embed(self, split: str, fn) -> tuple[torch.Tensor, torch.Tensor]:
+        """fn(images) for every sample of a split, in dataset order, on every rank (float32)."""
+        was_training = self.model.training
         self.model.eval()
-        preds, labels = [], []
+        feats, labels = [], []
         for batch in self.data.eval_loader(split):
             images, y = self._to_device(batch)
             with self.autocast():
-                logits = self.method.predict(self.model, images)
-            preds.append(logits.argmax(1))
+                feats.append(fn(images).float())
             labels.append(y)
-        self.model.train()
-        pred = dist_utils.all_gather_cat(torch.cat(preds))
-        true = dist_utils.all_gather_cat(torch.cat(labels))
-        return pred.cpu().numpy(), true.cpu().numpy()
+        if was_training:
+            self.train_model.train()
+        feats = dist_utils.all_gather_cat(torch.cat(feats))
+        labels = dist_utils.all_gather_cat(torch.cat(labels))
+        n, w = len(labels), self.info.world_size   # rank r held samples r, r+w, ...
+        order = torch.cat([torch.arange(r, n, w) for r in range(w)]).to(feats.device)
+        out_f, out_y = torch.empty_like(feats), torch.empty_like(labels)
+        out_f[order], out_y[order] = feats, labels
+        return out_f, out_y
 
     def evaluate(self, split: str | None = None) -> dict:
         split = split or self.cfg.eval.split
@@ -276,8 +292,9 @@ class Trainer:
                    **m}
         if self.info.is_main:
             d = self.run_dir
-            torch.save(self.model.state_dict(), os.path.join(d, "model_final.pt"))
-            torch.save(export_torchvision_state_dict(self.model),
+            final = self.method.final_model()
+            torch.save(final.state_dict(), os.path.join(d, "model_final.pt"))
+            torch.save(export_torchvision_state_dict(final),
                        os.path.join(d, "model_torchvision.pt"))
             plot_per_class_accuracy(m["per_class_acc"], self.data.class_counts,
                                     os.path.join(d, "per_class_accuracy.png"),
@@ -292,10 +309,10 @@ class Trainer:
 
 
 def train(cfg: Config, run_dir: str | None = None) -> dict:
-    """Run one config to the end (or resume it) in this process; returns results.json."""
+    """Run one config to the end (or resume it) in this process; returns results.json.
+    The process group stays up, so that a pipeline can run its next stage in it."""
     trainer = Trainer(cfg, run_dir)
     try:
         return trainer.fit()
     finally:
         trainer.log.close()
-        dist_utils.cleanup()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..transfer import load_pretrained
+
 
 @dataclass
 class SamplerChoice:
@@ -26,7 +28,12 @@ class Method:
 
     def __init__(self, cfg, data, device: torch.device):
         self.cfg, self.data, self.device = cfg, data, device
+        self.trainer = None        # set by the engine: gives access to embed() and autocast()
+        self.global_step = 0       # kept current by the engine before each training_step
         self.model: nn.Module = self.build_model()
+        self.init_message = ""
+        if cfg.model.init:
+            self.init_message = load_pretrained(self.model, cfg.model.init, cfg.model.init_head)
 
     # -- what a method must provide -------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -37,6 +44,14 @@ class Method:
         raise NotImplementedError
 
     # -- what a method may override -------------------------------------------------
+    def train_module(self) -> nn.Module:
+        """The module the engine wraps in DDP and switches to train mode (default: the whole
+        model; methods with a frozen backbone return only the part they train)."""
+        return self.model
+
+    def prepare_eval(self, trainer) -> None:
+        """Called before each evaluation (e.g. to build a kNN feature bank)."""
+
     def param_groups(self) -> list[dict]:
         """Parameters the optimizer updates (default: every trainable parameter)."""
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
@@ -52,6 +67,10 @@ class Method:
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Logits for evaluation."""
         return model(images)
+
+    def final_model(self) -> nn.Module:
+        """The model saved as model_final.pt (e.g. with a learned scaling folded in)."""
+        return self.model
 
     def state_dict(self) -> dict:
         """Extra state beyond the model's parameters (e.g. a queue)."""

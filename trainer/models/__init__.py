@@ -12,7 +12,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .heads import Classifier, CosineHead, LinearHead, export_torchvision_state_dict
+from .heads import (Classifier, CosineHead, LinearHead, ProjectionHead,
+                    export_torchvision_state_dict)
+from .split_bn import SplitBatchNorm2d, convert_split_bn
 from .resnet import torchvision_resnet
 from .resnet_cifar import CifarResNet, resnet_cifar
 
@@ -107,6 +109,9 @@ __all__ = [
     "CosineHead",
     "LinearHead",
     "MLPBackbone",
+    "ProjectionHead",
+    "SplitBatchNorm2d",
+    "convert_split_bn",
     "create_backbone",
     "create_model",
     "export_torchvision_state_dict",

@@ -106,6 +106,27 @@ def export_torchvision_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out["fc.bias"] = head.fc.bias.detach()
     elif isinstance(head, CosineHead):
         out["fc.weight"] = head.weight.detach()
+    elif isinstance(head, ProjectionHead):   # MoCo's MLP, as fc.0 / fc.2 like MoCo's files
+        out.update({k: v.detach() for k, v in head.state_dict().items()})
     else:
         raise TypeError(f"cannot export head of type {type(head).__name__}")
     return out
+
+
+class ProjectionHead(nn.Module):
+    """MoCo v2's 2-layer MLP (in -> in -> out_dim with ReLU), named `fc` like MoCo's own
+    checkpoints so exported weights read as `fc.0.*` / `fc.2.*`."""
+
+    def __init__(self, in_dim: int, out_dim: int = 128, hidden_dim: int | None = None):
+        super().__init__()
+        hidden_dim = hidden_dim or in_dim
+        self.fc = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True),
+                                nn.Linear(hidden_dim, out_dim))
+
+    def reset_parameters(self) -> None:
+        for m in self.fc:
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
