@@ -7,6 +7,7 @@ processes are not restarted every epoch.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +16,7 @@ from .augment import DEFAULT_STATS, build_transform
 from .datasets import AugmentedDataset
 from .longtail import class_counts, make_lt_subset
 from .samplers import SequentialSampler, build_sampler
-from .sources import DataError, SubsetSource, open_source
+from .sources import FASHION_MNIST_ROOT, DataError, SubsetSource, open_source
 from .torchvision_loader import build_torchvision_loader
 
 # SVHN-LT in the reference puts label 0 last in the head-to-tail order.
@@ -57,8 +58,11 @@ class DataBundle:
             sampler = build_sampler(kind, self.train.source.labels, batch_size=self.local_batch,
                                     world_size=self.world_size, rank=self.rank, seed=self.seed,
                                     class_weights=class_weights)
-            loader = build_torchvision_loader(self.train, sampler, self.local_batch,
-                                              self.cfg["workers"], self.seed + 7919 * self.rank)
+            from .loaders import make_train_loader  # backend chosen by data.loader
+
+            loader = make_train_loader(self.cfg, self.train, sampler, batch_size=self.local_batch,
+                                       seed=self.seed + 7919 * self.rank,
+                                       in_channels=self.in_channels)
             self._loaders[key] = (loader, sampler)
         loader, sampler = self._loaders[key]
         sampler.set_epoch(epoch, start_batch)
@@ -70,8 +74,10 @@ class DataBundle:
             ds = self.eval_dataset(split)
             sampler = SequentialSampler(len(ds), self.world_size, self.rank)
             bs = max(1, self.cfg["eval_batch_size"] // self.world_size)
-            self._loaders[key] = build_torchvision_loader(ds, sampler, bs, self.cfg["workers"],
-                                                          self.seed)
+            from .loaders import make_eval_loader  # backend chosen by data.loader
+
+            self._loaders[key] = make_eval_loader(self.cfg, ds, sampler, batch_size=bs,
+                                                  seed=self.seed, in_channels=self.in_channels)
         return self._loaders[key]
 
 
@@ -141,3 +147,26 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, seed: int = 0,
     for split in eval_splits:  # open now, so that a missing split fails before training
         bundle.eval_dataset(split)
     return bundle
+
+
+def check_data_paths(cfg) -> list[str]:
+    """Cheap existence checks of the data a config points at, run before any job starts;
+    each problem names the config key and the path it looked at."""
+    problems = []
+    source, root = cfg["source"], cfg["root"]
+    if source == "fashion_mnist" and root is None:
+        root = FASHION_MNIST_ROOT
+        if not os.path.isdir(root):
+            problems.append(f"data.root is unset and the default {root} does not exist "
+                            f"(apt-get install dataset-fashion-mnist, or set data.root)")
+            return problems
+    if root is not None and not os.path.isdir(root):
+        problems.append(f"data.root = {root!r}: folder not found")
+    for key in ("train_list", "val_list", "test_list"):
+        path = cfg.get(key)
+        if path and not os.path.isfile(path):
+            problems.append(f"data.{key} = {path!r}: file not found")
+    if source == "folder" and root and os.path.isdir(root) \
+            and not os.path.isdir(os.path.join(root, "train")):
+        problems.append(f"data.root = {root!r}: no train/ sub-folder of class folders")
+    return problems

@@ -46,7 +46,9 @@ class AugmentedDataset(torch.utils.data.Dataset):
                 raise TypeError(f"AugmentedDataset: expected key int or (index, sample_seed), "
                                 f"got {key!r}")
             index, sample_seed = int(key[0]), int(key[1])
-            if getattr(self.transform, "takes_seed", False):  # seeded without touching RNG
+            if self.transform is None:                        # nothing random to seed
+                img = self._apply(index)
+            elif getattr(self.transform, "takes_seed", False):  # seeded without touching RNG
                 img = _to_tensor(self.transform(self.source.load(index), sample_seed))
             else:
                 with torch.random.fork_rng(devices=[]):

@@ -1,9 +1,11 @@
 """Run a config on this machine: one process, N local processes (gloo/NCCL), or under torchrun.
 
-    python launchers/train.py CONFIG [section.key=value ...] [--nproc N]
+    python launchers/train.py CONFIG [section.key=value | stage.section.key=value ...]
+                              [--nproc N] [--dry-run]
 
-The config is loaded and validated here, before any process starts. Re-running the same command
-resumes the run from its last checkpoint (or reports it complete).
+A config with `stages:` runs its stages in order (see trainer/pipeline.py). Everything is loaded
+and validated here, before any process starts; --dry-run stops after printing the plan and
+checking that the data is on disk. Re-running the same command resumes where a run stopped.
 """
 from __future__ import annotations
 
@@ -14,31 +16,43 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer.config import ConfigError, load_config  # noqa: E402
+from data_pipelines.build import check_data_paths  # noqa: E402
+from data_pipelines.sources import DataError  # noqa: E402
 from trainer import distributed as dist_utils  # noqa: E402
+from trainer.config import ConfigError  # noqa: E402
+from trainer.pipeline import describe_plan, load_plan, run_plan  # noqa: E402
 
 
-def _worker(local_rank: int, world: int, port: int, cfg, result_path: str | None):
+def _worker(local_rank: int, world: int, port: int, plan, result_path: str | None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(world))
-    from trainer.engine import train
-    results = train(cfg)
+    results = _run(plan)
     if local_rank == 0 and result_path:
         with open(result_path, "w") as f:
             json.dump(results, f)
 
 
-def launch(cfg, nproc: int = 1) -> dict:
-    """Train `cfg` with `nproc` local processes; returns rank 0's results."""
+def _run(plan) -> dict:
+    try:
+        return run_plan(plan)
+    finally:
+        dist_utils.cleanup()
+
+
+def launch(plan, nproc: int = 1) -> dict:
+    """Run a plan (list of stages, or one Config) with `nproc` local processes; returns
+    {stage name: results} of rank 0."""
+    if not isinstance(plan, list):  # a single Config
+        from trainer.pipeline import Stage
+        plan = [Stage(plan.run.name, plan, os.path.join(plan.run.out_dir, plan.run.name))]
     if nproc <= 1 or "RANK" in os.environ:  # one process, or torchrun started us
-        from trainer.engine import train
-        return train(cfg)
+        return _run(plan)
     import tempfile
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
-        mp.start_processes(_worker, args=(nproc, dist_utils.free_port(), cfg, out),
+        mp.start_processes(_worker, args=(nproc, dist_utils.free_port(), plan, out),
                            nprocs=nproc, start_method="spawn")
         with open(out) as f:
             return json.load(f)
@@ -49,27 +63,46 @@ def parse_args(argv=None):
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 data.rho=50")
     p.add_argument("--nproc", type=int, default=1, help="local processes (DDP)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the plan of stages, check the data paths, and stop")
     return p.parse_args(argv)
+
+
+def prepare(config: str, overrides: list[str], dry_run: bool = False):
+    """Load and check everything a run needs; raises ConfigError / DataError with the key."""
+    plan = load_plan(config, overrides)
+    for stage in plan:
+        problems = check_data_paths(stage.cfg.data)
+        if problems:
+            raise DataError(f"stage '{stage.name}': " + "; ".join(problems))
+    if dry_run:
+        print(describe_plan(plan))
+    return plan
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        plan = prepare(args.config, args.overrides, args.dry_run)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from data_pipelines.sources import DataError
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print("dry run: config and data paths are valid")
+        return 0
     try:
-        results = launch(cfg, args.nproc)
+        results = launch(plan, args.nproc)
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") != "0":  # under torchrun, let rank 0 speak
         return 0
-    shots = {k: results.get(k) for k in ("many", "medium", "few")}
-    print(f"{cfg.run.name}: balanced error {results['balanced_error']:.2f}% "
-          f"(many/medium/few accuracy {shots})")
+    for name, r in results.items():
+        shots = " ".join(f"{k} {r[k]:.1f}" for k in ("many", "medium", "few") if r.get(k) is not None)
+        print(f"{name}: balanced error {r['balanced_error']:.2f}% (accuracy {shots})")
     return 0
 
 

@@ -17,6 +17,9 @@ import yaml
 REQUIRED = "???"  # a value that a config must set (e.g. the data root of ImageNet-LT)
 
 
+FROZEN_BACKBONE_METHODS = ("crt", "lws", "linear_probe", "ncm", "tau_norm")
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the file and key."""
 
@@ -56,13 +59,22 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "rho": F("float", 100.0),
         "n_max": F("int", None, nullable=True, help="null = len(train) / C"),
         "lt_seed": F("int", 0),
-        "augment": F("str", "small", "small", "imagenet", "none"),
+        "augment": F("str", "small", "small", "imagenet", "moco", "none"),
         "image_size": F("int", 28),
         "stats": F("str", None, nullable=True, help="normalization stats name; null = source"),
         "batch_size": F("int", 128, help="global batch, split over ranks"),
         "eval_batch_size": F("int", 512),
         "workers": F("int", 0, help="DataLoader workers per rank"),
-        "loader": F("str", "torchvision", "torchvision"),
+        "loader": F("str", "torchvision", "torchvision", "dali", "ffcv", "auto",
+                    help="auto = DALI on GPU if installed, else FFCV if installed and the "
+                         "data set's .beton exists, else torchvision"),
+        "beton_dir": F("str", None, nullable=True,
+                       help="FFCV .beton folder (written on first use); null = data/betons"),
+        "on_bad_image": F("str", "fail", "fail", "skip",
+                          help="missing/corrupt image: stop with its path, or drop and count"),
+        "dali_threads": F("int", 0, help="DALI threads per rank; 0 = data.workers or cores"),
+        "dali_device": F("str", "auto", "auto", "cpu", "gpu",
+                         help="DALI decoding/ops on the GPU when one is visible (auto)"),
         "check_files": F("bool", False, help="stat every listed image before training"),
         "val_per_class": F("int", 0, help="make a balanced 'val' split of this many unused "
                                           "train images per class (array sources)"),
@@ -126,8 +138,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "t": F("float", 0.1, help="temperature of the neighbours' weighted vote"),
     },
     "classifier": {
-        "sampler": F("str", "class_aware", "uniform", "class_aware", "sqrt",
-                     help="sampling of frozen-backbone methods (cRT: class_aware)"),
+        "sampler": F("str", None, "uniform", "class_aware", "sqrt", nullable=True,
+                     help="sampling of frozen-backbone methods; null = the method's own "
+                          "(cRT, LWS: class_aware; linear_probe: uniform)"),
         "cache_features": F("bool", False, help="embed the training set once (needs "
                                                 "data.augment: none)"),
         "reinit": F("bool", True, help="re-initialize the classifier (cRT, linear probe)"),
@@ -412,6 +425,16 @@ def check_consistency(cfg: Config, origins: dict | None = None):
     if cfg.method.name == "moco" and cfg.data.augment != "moco":
         raise ConfigError(f"{_where(o, 'method.name')}: method 'moco' needs two views per "
                           f"image: set data.augment: moco")
+    if cfg.method.name in FROZEN_BACKBONE_METHODS and not cfg.model.init:
+        raise ConfigError(f"{_where(o, 'method.name')}: method '{cfg.method.name}' trains on a "
+                          f"fixed representation: set model.init (a run folder, a checkpoint or "
+                          f"'@stage')")
+    if cfg.method.name in ("lws", "tau_norm") and not cfg.model.init_head:
+        raise ConfigError(f"{_where(o, 'method.name')}: method '{cfg.method.name}' adjusts a "
+                          f"trained classifier: set model.init_head: true")
+    if cfg.method.name in ("ncm", "tau_norm") and cfg.sched.epochs != 0:
+        raise ConfigError(f"{_where(o, 'sched.epochs')}: method '{cfg.method.name}' does not "
+                          f"train: set sched.epochs: 0 (and sched.warmup_epochs: 0)")
     if cfg.classifier.cache_features and cfg.data.augment != "none":
         raise ConfigError(f"{_where(o, 'classifier.cache_features')}: cached features are "
                           f"only exact without augmentation; set data.augment: none")

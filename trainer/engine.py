@@ -160,7 +160,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), self.cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -289,7 +289,7 @@ class Trainer:
                    "split": self.cfg.eval.split, "epochs": self.epoch,
                    "global_step": self.global_step, "world_size": self.info.world_size,
                    "train_seconds": round(seconds, 1), "class_counts": self.data.class_counts,
-                   **m}
+                   **self.method.summary(), **m}
         if self.info.is_main:
             d = self.run_dir
             final = self.method.final_model()

@@ -11,7 +11,7 @@ import copy
 import os
 from dataclasses import dataclass
 
-from .config import (Config, ConfigError, _load_file, _merge, check_consistency, check_required,
+from .config import (SCHEMA, Config, ConfigError, _load_file, _merge, check_consistency, check_required,
                      parse_override, resolve)
 
 
@@ -57,6 +57,9 @@ def load_plan(path: str, overrides: list[str] = ()) -> list[Stage]:
             raise ConfigError(f"{where}: stages[{i}] needs a 'name'")
         if names.count(name) > 1:
             raise ConfigError(f"{where}: stage name '{name}' is used twice")
+        if name in SCHEMA:
+            raise ConfigError(f"{where}: stage name '{name}' is also a config section; "
+                              f"choose another (overrides like {name}.key=... would be ambiguous)")
 
     plan, base_name = [], data.get("run", {}).get("name", os.path.splitext(os.path.basename(path))[0])
     for i, (stage, name) in enumerate(zip(stages, names)):

@@ -34,7 +34,16 @@ def create_loss(name: str, class_counts: Sequence[int], **kw) -> nn.Module:
     return LOSSES[name](class_counts, **kw)
 
 
+def loss_from_config(c, class_counts: Sequence[int]) -> nn.Module:
+    """The `loss` config section -> a loss module (each loss reads only its own keys)."""
+    kw = {"ce": {"label_smoothing": c.label_smoothing},
+          "focal": {"gamma": c.focal_gamma},
+          "ldam": {"max_m": c.ldam_max_m, "s": c.ldam_s}}[c.name]
+    return create_loss(c.name, class_counts, **kw)
+
+
 __all__ = [
+    "loss_from_config",
     "LOSSES",
     "ClassWeightedLoss",
     "CrossEntropyLoss",

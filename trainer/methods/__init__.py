@@ -18,4 +18,5 @@ def create_method(cfg, data, device) -> Method:
     return METHODS[cfg.method.name](cfg, data, device)
 
 
-from . import supervised  # noqa: E402,F401  (registers itself)
+from . import (crt, linear_probe, lws, moco, ncm, rotation,  # noqa: E402,F401
+               supervised, tau_norm)  # each registers itself

@@ -43,6 +43,11 @@ class Method:
         """Return (loss, {name: scalar tensor}) for one batch; `model` may be DDP-wrapped."""
         raise NotImplementedError
 
+    def model_kwargs(self) -> dict:
+        """Backbone options from the config, for create_model / create_backbone."""
+        extra = {"small_input": True} if self.cfg.model.small_input else {}
+        return {"image_size": self.cfg.data.image_size, **extra}
+
     # -- what a method may override -------------------------------------------------
     def train_module(self) -> nn.Module:
         """The module the engine wraps in DDP and switches to train mode (default: the whole
@@ -67,6 +72,10 @@ class Method:
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Logits for evaluation."""
         return model(images)
+
+    def summary(self) -> dict:
+        """Extra entries for results.json (e.g. the tau that tau-norm chose)."""
+        return {}
 
     def final_model(self) -> nn.Module:
         """The model saved as model_final.pt (e.g. with a learned scaling folded in)."""

@@ -3,19 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import class_balanced_weights, create_loss
+from ..losses import class_balanced_weights, loss_from_config
 from ..models import create_model
 from ..schedules import train_rule
 from . import register
 from .base import Method, SamplerChoice
-
-
-def loss_from_config(c, class_counts):
-    """The `loss` config section -> a loss module (each loss takes only its own keys)."""
-    kw = {"ce": {"label_smoothing": c.label_smoothing},
-          "focal": {"gamma": c.focal_gamma},
-          "ldam": {"max_m": c.ldam_max_m, "s": c.ldam_s}}[c.name]
-    return create_loss(c.name, class_counts, **kw)
 
 
 @register
@@ -23,11 +15,9 @@ class Supervised(Method):
     name = "supervised"
 
     def build_model(self):
-        c = self.cfg
-        extra = {"small_input": True} if c.model.small_input else {}
-        return create_model(c.model.name, num_classes=self.data.num_classes,
-                            in_channels=self.data.in_channels, head=c.model.head,
-                            image_size=c.data.image_size, **extra)
+        return create_model(self.cfg.model.name, num_classes=self.data.num_classes,
+                            in_channels=self.data.in_channels, head=self.cfg.model.head,
+                            **self.model_kwargs())
 
     def __init__(self, cfg, data, device):
         super().__init__(cfg, data, device)

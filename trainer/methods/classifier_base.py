@@ -1,0 +1,61 @@
+"""Shared part of cRT and its family (Kang et al. 2020): the representation learned in an
+earlier stage stays fixed and only the classifier is (re)learned or adjusted.
+
+The backbone is frozen and kept in eval mode (its BatchNorm statistics do not move). With
+`classifier.cache_features` and no augmentation, the training set is embedded once and the
+classifier trains on the cached features, which makes an epoch nearly free.
+"""
+from __future__ import annotations
+
+import torch
+
+from data_pipelines.datasets import AugmentedDataset
+from data_pipelines.sources import TensorSource
+
+from ..losses import loss_from_config
+from ..models import create_model
+from .base import Method, SamplerChoice
+
+
+class FrozenBackbone(Method):
+    default_sampler = "class_aware"
+    reinit_head = True
+
+    def build_model(self):
+        return create_model(self.cfg.model.name, num_classes=self.data.num_classes,
+                            in_channels=self.data.in_channels, head=self.cfg.model.head,
+                            **self.model_kwargs())
+
+    def __init__(self, cfg, data, device):
+        super().__init__(cfg, data, device)
+        for p in self.model.backbone.parameters():
+            p.requires_grad_(False)
+        self.model.backbone.eval()
+        if self.reinit_head and cfg.classifier.reinit:
+            self.model.reset_head()
+        self.loss = loss_from_config(cfg.loss, data.class_counts).to(device)
+        self.cached = False
+
+    def train_module(self):
+        return self.model.head
+
+    def on_epoch_start(self, epoch: int) -> SamplerChoice:
+        if self.cfg.classifier.cache_features and not self.cached:
+            feats, labels = self.trainer.embed("train", self.model.backbone)
+            source = TensorSource(feats.cpu(), labels.cpu().numpy(), self.data.num_classes)
+            self.data.replace_train(AugmentedDataset(source, None))
+            self.cached = True
+        return SamplerChoice(self.cfg.classifier.sampler or self.default_sampler)
+
+    @torch.no_grad()
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Backbone features, or the inputs themselves when they are cached features."""
+        return inputs if inputs.dim() == 2 else self.model.backbone(inputs)
+
+    def training_step(self, model, batch):
+        inputs, labels = batch
+        logits = model(self.features(inputs))
+        loss = self.loss(logits, labels)
+        with torch.no_grad():
+            acc = (logits.argmax(1) == labels).float().mean() * 100
+        return loss, {"loss": loss.detach(), "acc": acc}

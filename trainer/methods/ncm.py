@@ -1,0 +1,53 @@
+"""NCM: nearest class mean. Classify by cosine similarity to the mean (L2-normalized) feature of
+each class's training images; no training, no classifier bias toward head classes."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from ..models import LinearHead
+from . import register
+from .classifier_base import FrozenBackbone
+
+
+@register
+class NCM(FrozenBackbone):
+    name = "ncm"
+    reinit_head = False
+
+    def __init__(self, cfg, data, device):
+        super().__init__(cfg, data, device)
+        self.means = None
+
+    def normalized_features(self, images):
+        return F.normalize(self.model.backbone(images).float(), dim=1)
+
+    def prepare_eval(self, trainer) -> None:
+        if self.means is not None:
+            return
+        feats, labels = trainer.embed("train", self.normalized_features)
+        sums = torch.zeros(self.data.num_classes, feats.shape[1], device=feats.device)
+        sums.index_add_(0, labels, feats)
+        self.means = F.normalize(sums, dim=1)
+
+    @torch.no_grad()
+    def predict(self, model, images):
+        return self.normalized_features(images) @ self.means.T
+
+    def final_model(self):
+        """A plain classifier with the class means as weights: same argmax as cosine NCM."""
+        model = copy.deepcopy(self.model)
+        if isinstance(model.head, LinearHead):
+            model.head.fc.weight.data.copy_(self.means)
+            model.head.fc.bias.data.zero_()
+        else:
+            model.head.weight.data.copy_(self.means)
+        return model
+
+    def state_dict(self):
+        return {} if self.means is None else {"means": self.means}
+
+    def load_state_dict(self, state):
+        self.means = state.get("means")

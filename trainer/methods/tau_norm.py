@@ -1,0 +1,69 @@
+"""tau-normalization: divide each class's classifier weights by their norm to the power tau
+(tau = 0: unchanged, 1: all classes equal norm). No training; tau is chosen on a held-out split
+(balanced accuracy), as in Kang et al. 2020."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..metrics import evaluate_predictions
+from ..models import LinearHead
+from . import register
+from .classifier_base import FrozenBackbone
+
+
+def tau_normalized(weight: torch.Tensor, tau: float) -> torch.Tensor:
+    return weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12) ** tau
+
+
+@register
+class TauNorm(FrozenBackbone):
+    name = "tau_norm"
+    reinit_head = False
+
+    def __init__(self, cfg, data, device):
+        super().__init__(cfg, data, device)
+        if not isinstance(self.model.head, LinearHead):
+            raise ValueError("method 'tau_norm' normalizes a linear classifier; set "
+                             "model.head: linear")
+        self.tau = cfg.tau_norm.tau
+        self.search: dict[str, float] = {}
+
+    def logits(self, feats: torch.Tensor, tau: float) -> torch.Tensor:
+        fc = self.model.head.fc
+        return feats.float() @ tau_normalized(fc.weight.float(), tau).T + fc.bias.float()
+
+    def prepare_eval(self, trainer) -> None:
+        if self.tau is not None:
+            return
+        split = self.cfg.tau_norm.split
+        feats, labels = trainer.embed(split, self.model.backbone)
+        y = labels.cpu().numpy()
+        for tau in self.cfg.tau_norm.grid:
+            pred = self.logits(feats, tau).argmax(1).cpu().numpy()
+            m = evaluate_predictions(pred, y, self.data.num_classes, self.data.class_counts)
+            self.search[f"{tau:g}"] = m["balanced_top1"]
+        best = max(self.search, key=self.search.get)
+        self.tau = float(best)
+        trainer.log.info(f"tau-norm: tau = {best} chosen on '{split}' (balanced accuracy "
+                         f"{self.search[best]:.2f}%; grid {self.search})")
+
+    @torch.no_grad()
+    def predict(self, model, images):
+        return self.logits(self.model.backbone(images), self.tau)
+
+    def final_model(self):
+        model = copy.deepcopy(self.model)
+        w = model.head.fc.weight
+        w.data.copy_(tau_normalized(w.data, self.tau))
+        return model
+
+    def state_dict(self):
+        return {"tau": self.tau}
+
+    def load_state_dict(self, state):
+        self.tau = state["tau"]
+
+    def summary(self) -> dict:
+        return {"tau": self.tau, "tau_search": self.search}
