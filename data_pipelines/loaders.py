@@ -1,0 +1,370 @@
+"""One loader interface over three backends: torchvision, NVIDIA DALI and FFCV.
+
+``data.loader`` picks the backend; DataBundle asks this module for its loaders, so the engine
+never knows which one runs. Every backend
+
+- takes its order from OUR samplers (uniform / class_aware / sqrt / cb, DDP shard
+  ``order[rank::world]``, per-epoch reseeding, mid-epoch ``start_batch``), so which samples
+  form which batch is identical across backends;
+- yields ``(images, labels)``: images float32 ``[B, C, H, W]`` (``[B, 2, C, H, W]`` for the
+  two MoCo views), contiguous NCHW, normalized with the same mean/std; labels int64 ``[B]``.
+  Tensors may be on CPU or on the training GPU; the engine moves them either way;
+- applies the same augmentation recipe (``AugmentSpec``), each with its own ops. The random
+  draws differ between backends, so bit-exact pixels are not shared: an exact mid-epoch resume
+  reproduces the sample ORDER with every backend, and the augmented pixels only with
+  torchvision (whose augmentation is seeded per sample).
+
+``auto`` rule (`choose_backend`): DALI when a CUDA device is visible and DALI is installed;
+else FFCV when it is installed and this dataset's .beton already exists in ``data.beton_dir``;
+else torchvision. Asking by name for a backend that is not installed fails at start-up with the
+package to install. Backend modules are imported only here, lazily, when chosen.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .augment import DEFAULT_STATS
+from .sources import ArraySource, DataError, FileSource, SubsetSource
+
+LOADER_KINDS = ("torchvision", "dali", "ffcv", "auto")
+AUGMENT_KINDS = ("small", "imagenet", "moco", "none")
+BAD_IMAGE_POLICIES = ("fail", "skip")
+DEFAULT_BETON_DIR = "data/betons"
+
+# The MoCo v2 "aug+" recipe, shared by the DALI and FFCV implementations (and the torchvision
+# kind "moco"): RandomResizedCrop(scale 0.2-1) -> ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 ->
+# RandomGrayscale p=0.2 -> GaussianBlur(sigma 0.1-2) p=0.5 -> flip -> normalize.
+MOCO = {"scale": (0.2, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "gray_p": 0.2,
+        "blur_sigma": (0.1, 2.0), "blur_p": 0.5}
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+
+INSTALL_HINTS = {
+    "dali": "pip install nvidia-dali-cuda130  (or: pip install -e '.[dali]')",
+    "ffcv": "apt-get install pkg-config libturbojpeg0-dev libopencv-dev, then "
+            "pip install ffcv opencv-python-headless numba  (or: pip install -e '.[ffcv]')",
+}
+
+log = logging.getLogger("data_pipelines.loaders")
+
+
+class BackendUnavailable(DataError):
+    """The configured loader backend is not installed (or cannot run here)."""
+
+
+def moco_blur_kernel(size: int) -> int:
+    """Odd Gaussian window about 10% of the crop side (23 px at 224, as in SimCLR/MoCo v2)."""
+    k = max(3, int(0.1 * size))
+    return k if k % 2 else k + 1
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What a backend must do to one image: the recipe, its size and the normalization."""
+    kind: str               # small | imagenet | moco | none
+    train: bool
+    size: int
+    mean: tuple             # per model channel, on [0, 1] images
+    std: tuple
+    channels: int           # channels the model takes (1 or 3)
+    pad: int = 4            # "small": padding of the random crop
+
+    @property
+    def views(self) -> int:
+        return 2 if (self.kind == "moco" and self.train) else 1
+
+    @property
+    def eval_resize(self) -> int:
+        """Shorter side before the center crop (256 for 224, as torchvision's Resize)."""
+        return int(self.size * 256 / 224)
+
+
+def augment_spec(cfg, train: bool, in_channels: int) -> AugmentSpec:
+    kind = cfg["augment"]
+    if kind not in AUGMENT_KINDS:
+        raise DataError(f"data.augment = {kind!r}: unknown augmentation; expected one of "
+                        f"{', '.join(AUGMENT_KINDS)}")
+    stats = cfg.get("stats") or cfg["source"]
+    if stats not in DEFAULT_STATS:
+        raise DataError(f"data.stats = {stats!r}: no normalization statistics by that name")
+    mean, std = DEFAULT_STATS[stats]
+    return AugmentSpec(kind, bool(train), int(cfg["image_size"]), tuple(map(float, mean)),
+                       tuple(map(float, std)), int(in_channels))
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclass
+class FlatSource:
+    """A dataset source reduced to its storage: files, an in-memory array, or anything else.
+
+    ``index[i]`` is the storage index of dataset item ``i`` (LT subsets and index lists are
+    views); backends read storage directly instead of calling ``source.load`` per item.
+    """
+    kind: str               # "files" | "array" | "generic"
+    base: object
+    index: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def describe(self, i: int) -> str:
+        return self.base.describe(int(self.index[i]))
+
+    def path(self, i: int) -> str:
+        return self.base.full_path(int(self.index[i]))
+
+    def array(self, i: int) -> np.ndarray:
+        """HWC uint8 (a view: do not write)."""
+        img = self.base.images[int(self.index[i])]
+        return img[:, :, None] if img.ndim == 2 else img
+
+    def load_hwc(self, i: int) -> np.ndarray:
+        """Any source's item as an HWC uint8 array (the slow, generic path)."""
+        img = self.base.load(int(self.index[i]))
+        if isinstance(img, torch.Tensor):
+            return np.ascontiguousarray(img.as_subclass(torch.Tensor).permute(1, 2, 0).numpy())
+        arr = np.asarray(img)
+        return arr[:, :, None] if arr.ndim == 2 else arr
+
+    @property
+    def channels(self) -> int:
+        return int(getattr(self.base, "in_channels", 3))
+
+
+def flatten_source(src) -> FlatSource:
+    index = None
+    while isinstance(src, SubsetSource):
+        index = src.indices if index is None else src.indices[index]
+        src = src.base
+    if index is None:
+        index = np.arange(len(src), dtype=np.int64)
+    labels = np.asarray(src.labels, dtype=np.int64)[index]
+    if isinstance(src, FileSource):
+        kind = "files"
+    elif isinstance(src, ArraySource):
+        kind = "array"
+    else:
+        kind = "generic"
+    return FlatSource(kind, src, np.asarray(index, dtype=np.int64), labels)
+
+
+# ----------------------------------------------------------------------------- backends
+
+_STATUS: dict = {}
+
+
+def backend_status(name: str) -> tuple[bool, str]:
+    """(installed and importable, reason if not); imports the backend on first call."""
+    if name == "torchvision":
+        return True, ""
+    if name not in _STATUS:
+        try:
+            if name == "dali":
+                import nvidia.dali  # noqa: F401
+                import nvidia.dali.plugin.pytorch  # noqa: F401
+            elif name == "ffcv":
+                import cv2  # noqa: F401
+                import numba  # noqa: F401
+                import ffcv  # noqa: F401
+                import ffcv.loader  # noqa: F401  (loads libffcv: needs libturbojpeg at run time)
+            else:
+                raise ValueError(f"unknown loader backend {name!r}")
+            _STATUS[name] = (True, "")
+        except ImportError as exc:
+            _STATUS[name] = (False, f"{type(exc).__name__}: {exc}")
+        except OSError as exc:  # a shared library (libturbojpeg, libopencv) is missing
+            _STATUS[name] = (False, f"{type(exc).__name__}: {exc}")
+    return _STATUS[name]
+
+
+def require_backend(name: str) -> None:
+    ok, why = backend_status(name)
+    if not ok:
+        raise BackendUnavailable(f"data.loader = {name!r} but {name.upper()} cannot be imported "
+                                 f"({why}); install it with: {INSTALL_HINTS[name]}")
+
+
+def cuda_device() -> int | None:
+    """The CUDA device this process trains on (the engine set it), or None on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.current_device()
+    return None
+
+
+def dali_device_id(cfg) -> int | None:
+    choice = cfg.get("dali_device", "auto")
+    dev = cuda_device()
+    if choice == "cpu":
+        return None
+    if choice == "gpu" and dev is None:
+        raise BackendUnavailable("data.dali_device = 'gpu' but no CUDA device is visible; "
+                                 "set data.dali_device: cpu (or auto)")
+    return dev
+
+
+def beton_dir(cfg) -> str:
+    return cfg.get("beton_dir") or DEFAULT_BETON_DIR
+
+
+def choose_backend(cfg, dataset) -> str:
+    """The backend for one dataset: ``data.loader`` itself, or the ``auto`` rule above."""
+    name = cfg.get("loader", "torchvision")
+    if name not in LOADER_KINDS:
+        raise DataError(f"data.loader = {name!r}: expected one of {', '.join(LOADER_KINDS)}")
+    if name != "auto":
+        if name != "torchvision":
+            require_backend(name)
+        return name
+    if cuda_device() is not None and backend_status("dali")[0]:
+        return "dali"
+    if backend_status("ffcv")[0]:
+        from .ffcv_loader import beton_path_for
+
+        if os.path.exists(beton_path_for(dataset.source, beton_dir(cfg))):
+            return "ffcv"
+    return "torchvision"
+
+
+def _threads(cfg, key: str) -> int:
+    """Loader threads per process: the key if set, else data.workers, else the cores we own."""
+    n = int(cfg.get(key) or 0) or int(cfg.get("workers") or 0)
+    if n <= 0:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:
+            n = os.cpu_count() or 1
+        n = max(1, n // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    return n
+
+
+def make_train_loader(cfg, dataset, sampler, *, batch_size: int, seed: int, in_channels: int,
+                      backend: str | None = None):
+    """An iterable of training batches in ``sampler`` order (re-pointed by set_epoch).
+
+    ``seed`` seeds the backend's own randomness (give each rank its own); ``backend``
+    overrides ``cfg['loader']`` (tests and the benchmark use it).
+    """
+    return _make(cfg, dataset, sampler, batch_size, seed, in_channels, True, backend)
+
+
+def make_eval_loader(cfg, dataset, sampler, *, batch_size: int, seed: int, in_channels: int,
+                     backend: str | None = None):
+    """An iterable of evaluation batches (no drop, deterministic) in ``sampler`` order."""
+    return _make(cfg, dataset, sampler, batch_size, seed, in_channels, False, backend)
+
+
+def _make(cfg, dataset, sampler, batch_size, seed, in_channels, train, backend):
+    if getattr(dataset, "transform", None) is None and not isinstance(
+            flatten_source(dataset.source).base, (ArraySource, FileSource)):
+        # Not images (e.g. cached features): nothing to decode or augment, so no accelerated
+        # backend applies; the plain DataLoader batches them.
+        backend = "torchvision"
+    backend = backend or choose_backend(cfg, dataset)
+    policy = cfg.get("on_bad_image", "fail")
+    if policy not in BAD_IMAGE_POLICIES:
+        raise DataError(f"data.on_bad_image = {policy!r}: expected one of "
+                        f"{', '.join(BAD_IMAGE_POLICIES)}")
+    spec = augment_spec(cfg, train, in_channels)
+    if backend == "torchvision":
+        return _torchvision_loader(cfg, dataset, sampler, batch_size, seed, policy)
+    if backend == "dali":
+        require_backend("dali")
+        from .dali_loader import DaliLoader
+
+        return DaliLoader(dataset, sampler, batch_size, spec, seed=seed,
+                          threads=_threads(cfg, "dali_threads"), device_id=dali_device_id(cfg),
+                          on_bad_image=policy)
+    if backend == "ffcv":
+        require_backend("ffcv")
+        from .ffcv_loader import FfcvLoader, ensure_beton
+
+        path = ensure_beton(dataset.source, beton_dir(cfg), on_bad_image=policy)
+        return FfcvLoader(path, dataset, sampler, batch_size, spec, seed=seed,
+                          threads=_threads(cfg, "workers"), on_bad_image=policy)
+    raise DataError(f"unknown loader backend {backend!r}; expected one of "
+                    f"{', '.join(LOADER_KINDS)}")
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+def _torchvision_loader(cfg, dataset, sampler, batch_size, seed, policy):
+    from .torchvision_loader import build_torchvision_loader
+
+    if policy == "fail":
+        return build_torchvision_loader(dataset, sampler, batch_size, cfg["workers"], seed)
+    return SkippingLoader(dataset, sampler, batch_size, cfg["workers"], seed)
+
+
+class _SkipBadDataset(torch.utils.data.Dataset):
+    """Wraps a dataset so an unreadable image becomes a marker instead of an exception."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        try:
+            return self.dataset[key]
+        except DataError as exc:
+            return None, str(exc)
+
+
+def _collate_skipping(items):
+    good = [it for it in items if it[0] is not None]
+    bad = [it[1] for it in items if it[0] is None]
+    if not good:
+        return None, None, bad
+    xs, ys = zip(*good)
+    return torch.stack(xs), torch.stack(ys), bad
+
+
+class SkippingLoader:
+    """torchvision DataLoader that drops unreadable images from their batch and counts them.
+
+    A batch keeps its place (the step count stays ``sampler.num_batches``, equal on every
+    rank); it only gets smaller. Each skip is logged with its path.
+    """
+
+    def __init__(self, dataset, sampler, batch_size, workers, seed):
+        from torch.utils.data import DataLoader
+
+        from .torchvision_loader import WorkerSeeder
+
+        g = torch.Generator()
+        g.manual_seed(int(seed) & ((1 << 63) - 1))
+        self.loader = DataLoader(_SkipBadDataset(dataset), batch_size=batch_size,
+                                 sampler=sampler, num_workers=workers,
+                                 collate_fn=_collate_skipping, worker_init_fn=WorkerSeeder(seed),
+                                 generator=g, persistent_workers=workers > 0)
+        self.skipped = 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y, bad in self.loader:
+            for msg in bad:
+                self.skipped += 1
+                log.warning("skipped bad image (data.on_bad_image=skip, %d so far): %s",
+                            self.skipped, msg)
+            if x is None:
+                raise DataError(f"every image of a batch is unreadable (first: {bad[0]}); "
+                                f"check the data set")
+            yield x, y
+
+
+def note_skips(counter_owner, messages) -> None:
+    """Shared logging of skipped images for the accelerated backends."""
+    for msg in messages:
+        counter_owner.skipped += 1
+        log.warning("skipped bad image (data.on_bad_image=skip, %d so far): %s",
+                    counter_owner.skipped, msg)
