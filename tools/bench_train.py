@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(args.config, [f"run.out_dir={tmp}", "engine.progress=off",
+        cfg = load_config(args.config, [f"run.out_dir={tmp}", "engine.progress=none",
                                         "sched.warmup_epochs=0", *args.overrides])
         trainer = Trainer(cfg)
         bare_model = trainer.method.build_model().to(memory_format=trainer.memory_format)

@@ -111,7 +111,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "nesterov": F("bool", False),
         "weight_decay": F("float", 2e-4),
         "grad_clip": F("float", 0.0, help="max global grad norm; 0 = off"),
-        "fused": F("str", "auto", "auto", "on", "off"),
+        "fused": F("bool", None, nullable=True, help="fused SGD; null = on GPU only"),
     },
     "sched": {
         "name": F("str", "step", "step", "cosine", "constant"),
@@ -156,7 +156,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "amp": F("str", "none", "none", "bf16", "fp16"),
         "threads": F("int", 0, help="torch threads per process; 0 = cores / local ranks"),
         "log_every": F("int", 50, help="steps between log lines"),
-        "progress": F("str", "auto", "auto", "bar", "lines", "off"),
+        "progress": F("str", "auto", "auto", "bar", "lines", "none"),
         "max_steps": F("int", 0, help="stop after this many steps in total (smoke runs); 0 = off"),
     },
     "checkpoint": {

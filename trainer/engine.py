@@ -55,7 +55,7 @@ def configure_runtime(cfg: Config, info: dist_utils.DistInfo):
 
 
 def build_optimizer(cfg_optim, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
-    fused = {"on": True, "off": False, "auto": device.type == "cuda"}[cfg_optim.fused]
+    fused = device.type == "cuda" if cfg_optim.fused is None else cfg_optim.fused
     for g in groups:
         g.setdefault("base_lr", cfg_optim.lr * g.pop("lr_scale", 1.0))
     return torch.optim.SGD(groups, lr=cfg_optim.lr, momentum=cfg_optim.momentum,

@@ -49,7 +49,8 @@ class MoCo(SelfSupervised):
 
     def __init__(self, cfg, data, device):
         super().__init__(cfg, data, device)
-        self.key_model = copy.deepcopy(self.model).to(device)
+        fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        self.key_model = copy.deepcopy(self.model).to(device, memory_format=fmt)
         for p in self.key_model.parameters():
             p.requires_grad_(False)
         self.queue = F.normalize(torch.randn(cfg.moco.dim, cfg.moco.queue), dim=0).to(device)

@@ -1,0 +1,121 @@
+"""MoCo v2 pieces on tiny tensors, and 2-process MoCo against one process."""
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import ROOT, needs_fmnist
+from trainer.config import load_config
+from trainer.methods.moco import MoCo, info_nce_logits
+
+
+def make_moco(batch=8, queue=16, splits=1, momentum=0.9, name="resnet8"):
+    cfg = load_config(None, [f"model.name={name}", "data.image_size=28", f"moco.queue={queue}",
+                             f"moco.dim=8", f"moco.momentum={momentum}", f"moco.bn_splits={splits}",
+                             f"data.batch_size={batch}", "data.augment=moco", "method.name=moco"])
+    data = SimpleNamespace(world_size=1, rank=0, local_batch=batch, in_channels=1,
+                           num_classes=10, class_counts=[1] * 10)
+    torch.manual_seed(0)
+    return MoCo(cfg, data, torch.device("cpu"))
+
+
+def test_queue_is_fifo_and_wraps_around():
+    m = make_moco(batch=4, queue=12)
+    batches = [torch.full((4, 8), float(i)) for i in range(4)]
+    for b in batches[:3]:
+        m.enqueue(b)
+    assert m.queue_ptr == 0                                  # 3 x 4 filled the 12 slots
+    assert torch.equal(m.queue[0], torch.tensor([0.] * 4 + [1.] * 4 + [2.] * 4))
+    m.enqueue(batches[3])                                    # the oldest keys go first
+    assert m.queue_ptr == 4
+    assert torch.equal(m.queue[0], torch.tensor([3.] * 4 + [1.] * 4 + [2.] * 4))
+
+
+def test_momentum_update_formula():
+    m = make_moco(momentum=0.9)
+    q_params = [p.detach().clone() for p in m.model.parameters()]
+    k_params = [torch.randn_like(p) for p in m.key_model.parameters()]
+    for p, v in zip(m.key_model.parameters(), k_params):
+        p.data.copy_(v)
+    m.momentum_update()
+    for p, k0, q in zip(m.key_model.parameters(), k_params, q_params):
+        torch.testing.assert_close(p, 0.9 * k0 + 0.1 * q)
+
+
+def test_info_nce_equals_hand_computation():
+    q = F.normalize(torch.tensor([[1.0, 2.0], [0.5, -1.0]]), dim=1)
+    k = F.normalize(torch.tensor([[1.0, 1.0], [0.0, -1.0]]), dim=1)
+    queue = F.normalize(torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.5]]), dim=0)
+    t = 0.2
+    loss = F.cross_entropy(info_nce_logits(q, k, queue, t), torch.zeros(2, dtype=torch.long))
+    expected = 0.0
+    for i in range(2):
+        pos = float(q[i] @ k[i]) / t
+        negs = [float(q[i] @ queue[:, j]) / t for j in range(3)]
+        expected += -pos + torch.logsumexp(torch.tensor([pos] + negs), 0).item()
+    assert abs(loss.item() - expected / 2) < 1e-5
+
+
+def test_no_gradient_reaches_key_encoder_and_queue_advances():
+    m = make_moco(batch=8, queue=16, splits=2)
+    views = torch.randn(8, 2, 1, 28, 28)
+    loss, logs = m.training_step(m.model, (views, torch.zeros(8, dtype=torch.long)))
+    loss.backward()
+    assert all(p.grad is None for p in m.key_model.parameters())
+    assert all(not p.requires_grad for p in m.key_model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.model.parameters())
+    assert m.queue_ptr == 8 and torch.isfinite(loss)
+
+
+def test_shuffled_keys_come_back_in_original_order():
+    """With one BatchNorm group, statistics do not depend on the order, so shuffled keys must
+    equal a direct forward pass, row for row."""
+    m = make_moco(batch=8, splits=1)
+    im_k = torch.randn(8, 1, 28, 28)
+    for step in (0, 1, 2):
+        m.global_step = step
+        m.key_model.train()
+        shuffled = m.keys(im_k)
+        direct = F.normalize(m.key_model(im_k).float(), dim=1)
+        torch.testing.assert_close(shuffled, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_split_bn_keys_depend_on_the_shuffle():
+    """With 2 groups the shuffle decides which samples share statistics (that is its point)."""
+    m = make_moco(batch=8, splits=2)
+    im_k = torch.randn(8, 1, 28, 28)
+    m.global_step = 0
+    a = m.keys(im_k)
+    direct = F.normalize(m.key_model(im_k).float(), dim=1)
+    assert not torch.allclose(a, direct, atol=1e-4)
+
+
+@needs_fmnist
+def test_two_process_moco_matches_one_process_with_two_bn_groups(tmp_path, small_test_list):
+    """2 gloo processes (one BN group each) == 1 process with 2 SplitBatchNorm groups: same
+    batches, same key shuffle, same queue; equal up to float rounding (all-reduce order, BN
+    arithmetic), which stays far below the gap to a run whose BN groups differ.
+
+    Contiguous layout: with channels_last the 2-process gradients were seen to differ from the
+    single-process ones by ~0.5% already at the first step (not explained yet; see the notes)."""
+    from launchers.train import launch
+    over = [f"run.out_dir={tmp_path}", "run.deterministic=true", "data.n_max=60", "data.rho=10",
+            "data.batch_size=16", f"data.test_list={small_test_list}", "data.augment=moco",
+            "method.name=moco", "moco.queue=32", "moco.dim=16", "moco.momentum=0.9",
+            "optim.lr=0.03", "sched.epochs=1", "sched.warmup_epochs=0", "sched.name=constant",
+            "eval.every_epochs=0", "engine.progress=none", "model.channels_last=false"]
+    cfg = os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml")
+    runs = {"one": (1, 2), "two": (2, 2), "control": (1, 4)}   # name: (processes, BN groups)
+    for name, (nproc, groups) in runs.items():
+        launch(load_config(cfg, over + [f"run.name={name}", f"moco.bn_splits={groups}"]), nproc)
+    load = lambda name, f: torch.load(tmp_path / name / f, weights_only=True)
+    a, b, c = (load(n, "model_final.pt") for n in runs)
+    gap = lambda x, y: max((x[k] - y[k]).abs().max().item() for k in x
+                           if x[k].is_floating_point() and "running" not in k)
+    same, different = gap(a, b), gap(a, c)
+    assert same < 2e-4 and different > 20 * same, (same, different)
+    qa, qb = load("one", "checkpoint_last.pt")["method"], load("two", "checkpoint_last.pt")["method"]
+    torch.testing.assert_close(qa["queue"], qb["queue"], rtol=1e-3, atol=1e-4)
+    assert qa["queue_ptr"] == qb["queue_ptr"] == 240 // 16 * 16 % 32
