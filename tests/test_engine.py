@@ -111,3 +111,30 @@ def test_cli_reports_config_and_data_errors(tmp_path):
     missing = run_cli(TRAIN, CE, f"data.root={tmp_path}/nothing", f"run.out_dir={tmp_path}",
                       check=False)
     assert missing.returncode == 2 and "dataset-fashion-mnist" in missing.stderr
+
+
+def test_stop_request_checkpoints_and_resumes_exactly(tiny, tmp_path):
+    """A stop request (what SIGUSR2/SIGTERM or submitit's checkpoint() trigger) saves at the
+    next step boundary and raises Preempted; running again ends with the uninterrupted weights."""
+    from trainer import engine
+    cfg = lambda name: load_config(CE, tiny + [f"run.name={name}", "model.name=mlp"])
+    engine.train(cfg("ref"))
+    trainer = engine.Trainer(cfg("stopped"))
+    original = trainer.method.training_step
+
+    def step_then_signal(model, batch):
+        out = original(model, batch)
+        if trainer.global_step == 7:
+            os.kill(os.getpid(), signal.SIGUSR2)     # arrives in the middle of step 8
+        return out
+    trainer.method.training_step = step_then_signal
+    engine.install_stop_signals()
+    try:
+        with pytest.raises(engine.Preempted):
+            trainer.fit()
+    finally:
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        engine._STOP.clear()
+    assert safe_load(str(tmp_path / "stopped" / LAST))["progress"]["global_step"] == 8
+    engine.train(cfg("stopped"))
+    assert_same_weights(final_weights(tmp_path / "ref"), final_weights(tmp_path / "stopped"))

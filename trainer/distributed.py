@@ -114,6 +114,16 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b[: int(s.item())] for b, s in zip(buf, sizes)])
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (so all ranks stop together)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier():
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 
 import numpy as np
@@ -32,6 +33,22 @@ from .run_log import Progress, RunLog
 from .schedules import lr_factor
 
 KILL_ENV = "LTT_KILL_AT_STEP"  # test hook: SIGKILL ourselves after this global step
+_STOP = threading.Event()
+
+
+class Preempted(Exception):
+    """Raised after a requested stop has been checkpointed; re-running resumes exactly."""
+
+
+def request_stop(*_signal_args):
+    """Ask the running Trainer to checkpoint at the next step boundary and raise Preempted.
+    Safe to call from a signal handler (SIGUSR2/SIGTERM from Slurm, submitit's checkpoint())."""
+    _STOP.set()
+
+
+def install_stop_signals(signals=(signal.SIGUSR2, signal.SIGTERM)):
+    for s in signals:
+        signal.signal(s, request_stop)
 
 
 def seed_everything(seed: int):
@@ -208,6 +225,11 @@ class Trainer:
                 self.save_checkpoint()
             if kill_at and self.global_step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if dist_utils.any_rank(_STOP.is_set()):
+                self.save_checkpoint()
+                self.log.info(f"stop requested: checkpoint written at epoch {self.epoch}, step "
+                              f"{self.step_in_epoch} (global step {self.global_step})")
+                raise Preempted(self.run_dir)
             if not self._steps_left():
                 break
         progress.close()
