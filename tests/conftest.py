@@ -26,8 +26,12 @@ def small_test_list(tmp_path_factory):
 
 @pytest.fixture
 def tiny(tmp_path, small_test_list):
-    """Overrides for a tiny deterministic run: ~380 LT images, ResNet-8, 3 short epochs."""
-    return [f"run.out_dir={tmp_path}", "run.deterministic=true", "data.n_max=100",
+    """Overrides for a tiny deterministic run: ~400 LT images, ResNet-8, 3 short epochs."""
+    return tiny_overrides(tmp_path, small_test_list)
+
+
+def tiny_overrides(out_dir, small_test_list):
+    return [f"run.out_dir={out_dir}", "run.deterministic=true", "data.n_max=100",
             "data.rho=10", "data.batch_size=32", "data.eval_batch_size=300",
             f"data.test_list={small_test_list}", "model.name=resnet8", "sched.epochs=3",
             "sched.warmup_epochs=1", "sched.milestones=[2]", "sched.gamma=0.1",

@@ -61,4 +61,4 @@ class LWS(FrozenBackbone):
             self.scaled.scales.copy_(state["scales"])
 
     def summary(self) -> dict:
-        return {"lws_scales": [round(float(v), 4) for v in self.scaled.scales]}
+        return {"lws_scales": self.scaled.scales.detach().tolist()}
