@@ -1,10 +1,11 @@
 """Gather finished runs (their results.json) into one table: mean and spread per method over
 seeds, overall and many/medium/few, as Markdown and CSV, plus a PNG bar chart.
 
-    python tools/collect_results.py RUN_DIR_OR_PARENT [...] [--out PREFIX] [--group-by name]
+    python tools/collect_results.py RUN_DIR_OR_PARENT [...] [--out PREFIX]
 
 Runs are grouped by their config name with the seed removed (results.json "name" minus a
-trailing "_s<seed>"), so "fmnist_lt_ce_s0" and "fmnist_lt_ce_s1" form one row.
+"_s<seed>" at the end or before a stage name), so "fmnist_lt_ce_s0" and "fmnist_lt_ce_s1"
+form one row, and so do "p_s0/crt" and "p_s1/crt".
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def find_results(paths: list[str]) -> list[dict]:
 
 
 def group_name(r: dict) -> str:
-    return re.sub(r"_s\d+$", "", r.get("name", os.path.basename(r["_dir"])))
+    return re.sub(r"_s\d+(?=/|$)", "", r.get("name", os.path.basename(r["_dir"])))
 
 
 def summarize(results: list[dict]) -> list[dict]:
