@@ -7,7 +7,7 @@ setup:
 	bash tools/setup_env.sh
 
 demo: setup
-	$(PY) launchers/train.py configs/fmnist_lt_ldam_drw.yaml
+	$(PY) launchers/train.py configs/fmnist_lt_moco_crt.yaml
 
 test: setup
 	$(PY) -m pytest -q tests
