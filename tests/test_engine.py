@@ -138,3 +138,13 @@ def test_stop_request_checkpoints_and_resumes_exactly(tiny, tmp_path):
     assert safe_load(str(tmp_path / "stopped" / LAST))["progress"]["global_step"] == 8
     engine.train(cfg("stopped"))
     assert_same_weights(final_weights(tmp_path / "ref"), final_weights(tmp_path / "stopped"))
+
+
+def test_torch_compile_option_trains_like_eager(tiny, tmp_path):
+    """model.compile=true goes through torch.compile (inductor on CPU) and learns the same."""
+    from trainer.engine import train
+    over = tiny + ["model.name=mlp", "engine.max_steps=3"]
+    train(load_config(CE, over + ["run.name=eager"]))
+    train(load_config(CE, over + ["run.name=compiled", "model.compile=true"]))
+    assert_same_weights(final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled"),
+                        exact=False, tol=1e-4)
