@@ -161,7 +161,9 @@ def check_data_paths(cfg) -> list[str]:
                             f"(apt-get install dataset-fashion-mnist, or set data.root)")
             return problems
     if root is not None and not os.path.isdir(root):
-        problems.append(f"data.root = {root!r}: folder not found")
+        hint = (" (Fashion-MNIST: apt-get install dataset-fashion-mnist and leave data.root "
+                "unset)" if source == "fashion_mnist" else "")
+        problems.append(f"data.root = {root!r}: folder not found{hint}")
     for key in ("train_list", "val_list", "test_list"):
         path = cfg.get(key)
         if path and not os.path.isfile(path):

@@ -85,8 +85,8 @@ def test_two_process_ddp_matches_one_process(tiny, tmp_path, rule):
     gradient all-reduce. The MLP has no BatchNorm, whose per-process statistics would differ."""
     from launchers.train import launch
     over = tiny + ["model.name=mlp", f"train_rule.name={rule}", "train_rule.start_epoch=0"]
-    one = launch(load_config(CE, over + ["run.name=one"]), nproc=1)
-    two = launch(load_config(CE, over + ["run.name=two"]), nproc=2)
+    one = launch(load_config(CE, over + ["run.name=one"]), nproc=1)["one"]
+    two = launch(load_config(CE, over + ["run.name=two"]), nproc=2)["two"]
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"),
                         exact=False)
