@@ -171,6 +171,30 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "dist": {
         "backend": F("str", "auto", "auto", "gloo", "nccl"),
     },
+    # Read only by launchers/submit.py (the engine ignores it); its flags override these.
+    "slurm": {
+        "partition": F("str", None, nullable=True, help="null = the cluster's default partition"),
+        "nodes": F("int", 1),
+        "gpus_per_node": F("int", 0, help="0 = CPU: one task per node; G: one task per GPU"),
+        "cpus_per_task": F("int", 0, help="0 = 1 on CPU (one thread per rank), else "
+                                          "data.workers + 1 per GPU task"),
+        "timeout_min": F("int", 60, help="time limit of one attempt; requeues get a new one"),
+        "mem_gb": F("float", None, nullable=True, help="per node; null = partition default"),
+        "signal_delay_s": F("int", 90, help="SIGUSR2 this long before the time limit: time "
+                                            "to reach a step boundary and save"),
+        "max_num_timeout": F("int", 3, help="requeues after time-outs (preemptions, node "
+                                            "failures do not count)"),
+        "peer_failure_wait_s": F("int", 360, help="when a peer rank dies, wait this long for "
+                                                  "Slurm to requeue (over its SlurmdTimeout)"),
+        "account": F("str", None, nullable=True),
+        "qos": F("str", None, nullable=True),
+        "constraint": F("str", None, nullable=True),
+        "job_name": F("str", None, nullable=True, help="null = the run name"),
+        "array_parallelism": F("int", 256, help="sweeps: array tasks running at once"),
+        "setup": F("list", [], item="str", help="shell lines before srun (module load ...)"),
+        "additional": F("any", None, nullable=True,
+                        help="mapping of further sbatch options, e.g. {exclusive: true}"),
+    },
 }
 
 
