@@ -23,6 +23,19 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 
+# A real Slurm controller + compute daemons for the multi-node tests (tools/local_slurm.sh).
+# Never slurm-wlm-emulator: it repoints the real daemons to itself.
+SLURM_APT="munge slurmctld slurmd slurm-client"
+if ! dpkg -s $SLURM_APT >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== apt-get install $SLURM_APT"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $SLURM_APT
+  else
+    echo "Slurm is not installed: the multi-node tests will be skipped" >&2
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   python3 -m venv "$VENV"
@@ -36,5 +49,5 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
   "$PIP" install -q torch==2.14.1 torchvision==0.29.1
 fi
 echo "== installing the project and its test dependencies"
-"$PIP" install -q -e ".[dev]"
+"$PIP" install -q -e ".[dev,slurm]"
 touch "$STAMP"
