@@ -15,17 +15,23 @@ import torch
 LAST = "checkpoint_last.pt"
 
 
-def atomic_save(obj, path: str):
+def atomic_write(path: str, write):
+    """Call write(binary file) on a temporary file beside `path`, fsync, then rename it over
+    `path`: readers see the old file or the new one, never a half-written one."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj, path: str):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_load(path: str, map_location="cpu"):

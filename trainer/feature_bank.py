@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .checkpoint import atomic_write
+
 FORMAT = "ltt-feature-bank"
 VERSION = 1
 HEADER = "header.json"
@@ -84,25 +86,12 @@ class Bank:
         return [int(c) for c in counts]
 
 
-def _atomic(path: str, write):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_json(path: str, obj):
-    _atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def _write_npy(path: str, array: np.ndarray):
-    _atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def _read_json(path: str) -> dict:
@@ -465,7 +454,7 @@ def _run_chunk(dataset, rows, forward, batch_size: int, workers: int, dtype: str
 
 
 def _save_chunk(path: str, features, labels, rows):
-    _atomic(path, lambda f: np.savez(f, features=features, labels=labels,
+    atomic_write(path, lambda f: np.savez(f, features=features, labels=labels,
                                      indices=np.asarray(rows, dtype=np.int64)))
 
 
