@@ -17,7 +17,12 @@ never knows which one runs. Every backend
 ``auto`` rule (`choose_backend`): DALI when a CUDA device is visible and DALI is installed;
 else FFCV when it is installed and this dataset's .beton already exists in ``data.beton_dir``;
 else torchvision. Asking by name for a backend that is not installed fails at start-up with the
-package to install. Backend modules are imported only here, lazily, when chosen.
+package to install. Each backend library is imported only by its own module (dali_loader.py,
+ffcv_loader.py), and only once that backend is asked for.
+
+Bad images (``data.on_bad_image``): 'fail' stops with the file's path (and list line); 'skip'
+drops the image from its batch (the batch gets smaller, the step count stays the same on every
+rank) and logs each skip with a running count as a warning on the ``data_pipelines`` loggers.
 """
 from __future__ import annotations
 
@@ -161,25 +166,20 @@ _STATUS: dict = {}
 
 
 def backend_status(name: str) -> tuple[bool, str]:
-    """(installed and importable, reason if not); imports the backend on first call."""
+    """(installed and importable, reason if not). Imports the backend's module of this package,
+    which alone imports the backend (and loads its shared libraries: libturbojpeg, OpenCV)."""
     if name == "torchvision":
         return True, ""
     if name not in _STATUS:
+        if name not in INSTALL_HINTS:
+            raise ValueError(f"unknown loader backend {name!r}")
         try:
             if name == "dali":
-                import nvidia.dali  # noqa: F401
-                import nvidia.dali.plugin.pytorch  # noqa: F401
-            elif name == "ffcv":
-                import cv2  # noqa: F401
-                import numba  # noqa: F401
-                import ffcv  # noqa: F401
-                import ffcv.loader  # noqa: F401  (loads libffcv: needs libturbojpeg at run time)
+                from . import dali_loader  # noqa: F401
             else:
-                raise ValueError(f"unknown loader backend {name!r}")
+                from . import ffcv_loader  # noqa: F401
             _STATUS[name] = (True, "")
-        except ImportError as exc:
-            _STATUS[name] = (False, f"{type(exc).__name__}: {exc}")
-        except OSError as exc:  # a shared library (libturbojpeg, libopencv) is missing
+        except (ImportError, OSError) as exc:  # OSError: a shared library is missing
             _STATUS[name] = (False, f"{type(exc).__name__}: {exc}")
     return _STATUS[name]
 
@@ -286,8 +286,10 @@ def _make(cfg, dataset, sampler, batch_size, seed, in_channels, train, backend):
         from .ffcv_loader import FfcvLoader, ensure_beton
 
         path = ensure_beton(dataset.source, beton_dir(cfg), on_bad_image=policy)
+        dev = cuda_device()   # on a GPU, normalize there: uint8 crosses PCIe, not float32
         return FfcvLoader(path, dataset, sampler, batch_size, spec, seed=seed,
-                          threads=_threads(cfg, "workers"), on_bad_image=policy)
+                          threads=_threads(cfg, "workers"), on_bad_image=policy,
+                          device=None if dev is None else torch.device("cuda", dev))
     raise DataError(f"unknown loader backend {backend!r}; expected one of "
                     f"{', '.join(LOADER_KINDS)}")
 

@@ -11,30 +11,39 @@ if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt tools/se
   exit 0
 fi
 
+# apt_install "PACKAGES" "message if we cannot": installs missing Debian packages when root;
+# otherwise prints the message and returns 1, and the caller decides whether that is fatal.
+apt_install() {
+  if dpkg -s $1 >/dev/null 2>&1; then return 0; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== apt-get install $1"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $1
+  else
+    echo "$2" >&2
+    return 1
+  fi
+}
+
 # Fashion-MNIST (the default data set) comes from Debian's dataset-fashion-mnist package.
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "== apt-get install dataset-fashion-mnist"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dataset-fashion-mnist
-  else
-    echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'" >&2
-    exit 1
-  fi
+  apt_install dataset-fashion-mnist \
+    "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'" || exit 1
 fi
 
 # A real Slurm controller + compute daemons for the multi-node tests (tools/local_slurm.sh).
 # Never slurm-wlm-emulator: it repoints the real daemons to itself.
-SLURM_APT="munge slurmctld slurmd slurm-client"
-if ! dpkg -s $SLURM_APT >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "== apt-get install $SLURM_APT"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $SLURM_APT
-  else
-    echo "Slurm is not installed: the multi-node tests will be skipped" >&2
-  fi
-fi
+apt_install "munge slurmctld slurmd slurm-client" \
+  "Slurm is not installed: the multi-node tests will be skipped" || true
+
+# The accelerated loaders (data.loader: dali | ffcv) and their tests. DALI is a wheel (the
+# CUDA 13 build, matching torch; its CPU pipelines run without a GPU). FFCV compiles against
+# libjpeg-turbo and OpenCV, which it also needs at run time: Debian packages.
+FFCV_APT="pkg-config libturbojpeg0-dev libopencv-dev"
+EXTRAS="dev,slurm,dali,ffcv"
+apt_install "$FFCV_APT" \
+  "FFCV needs 'sudo apt-get install $FFCV_APT'; installing without FFCV (its tests skip)" \
+  || EXTRAS="dev,slurm,dali"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
@@ -48,6 +57,6 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
   echo "== installing torch and torchvision (a few minutes)"
   "$PIP" install -q torch==2.14.1 torchvision==0.29.1
 fi
-echo "== installing the project and its test dependencies"
-"$PIP" install -q -e ".[dev,slurm]"
+echo "== installing the project, its test dependencies and the loaders ($EXTRAS)"
+"$PIP" install -q -e ".[$EXTRAS]"
 touch "$STAMP"
