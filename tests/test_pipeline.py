@@ -27,6 +27,16 @@ def test_plan_resolves_stages_references_and_stage_overrides(tmp_path):
                                                   "ldam_drw")
 
 
+def test_run_name_override_renames_every_stage_folder(tmp_path):
+    """run_table gives each seed its own run.name; the stages must follow it, or the second
+    seed would find the first seed's finished stages and skip them."""
+    plan = load_plan(ROTATION, [f"run.out_dir={tmp_path}", "run.name=rot_s1"])
+    assert {os.path.dirname(s.run_dir) for s in plan} == {os.path.join(str(tmp_path), "rot_s1")}
+    by = {s.name: s for s in plan}
+    assert by["ce"].cfg.model.init == os.path.join(str(tmp_path), "rot_s1", "pretrain",
+                                                   "model_final.pt")
+
+
 def write(tmp_path, text):
     p = tmp_path / "p.yaml"
     p.write_text(textwrap.dedent(text))

@@ -62,6 +62,9 @@ def load_plan(path: str, overrides: list[str] = ()) -> list[Stage]:
                               f"choose another (overrides like {name}.key=... would be ambiguous)")
 
     plan, base_name = [], data.get("run", {}).get("name", os.path.splitext(os.path.basename(path))[0])
+    for key, value in parsed:  # `run.name=...` on the command line renames the whole pipeline
+        if key == "run.name":
+            base_name = str(value)
     for i, (stage, name) in enumerate(zip(stages, names)):
         sdata, sorigins = copy.deepcopy(data), dict(origins)
         body = {k: v for k, v in stage.items() if k != "name"}
