@@ -67,6 +67,18 @@ def test_killed_runs_resume_to_identical_weights(tiny, tmp_path, kills):
     assert steps("ref") == steps("killed")
 
 
+def test_four_process_run_killed_resumes_to_identical_weights(tiny, tmp_path):
+    """With more than 2 gloo ranks an all-reduce's summation order follows DDP's buckets, which
+    DDP re-cuts in every new process; the engine's rank-ordered averaging (deterministic mode)
+    keeps a resumed 4-process run bit-identical to an uninterrupted one."""
+    args = [TRAIN, CE, "--nproc", "4", *tiny, "checkpoint.every_steps=3", "sched.epochs=2"]
+    run_cli(*args, "run.name=ref")
+    proc = run_cli(*args, "run.name=killed", env={"LTT_KILL_AT_STEP": "7"}, check=False)
+    assert proc.returncode != 0
+    assert "resumed from" in run_cli(*args, "run.name=killed").stdout
+    assert_same_weights(final_weights(tmp_path / "ref"), final_weights(tmp_path / "killed"))
+
+
 def test_leftover_temp_file_and_corrupt_checkpoint(tiny, tmp_path):
     args = [TRAIN, CE, *tiny, "run.name=c", "checkpoint.every_steps=4"]
     run_cli(*args, env={"LTT_KILL_AT_STEP": "5"}, check=False)

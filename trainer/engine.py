@@ -111,6 +111,8 @@ class Trainer:
         if self.info.enabled:
             train_model = DDP(train_model, device_ids=[self.device.index]
                               if self.device.type == "cuda" else None)
+            if cfg.run.deterministic and self.device.type == "cpu":
+                train_model.register_comm_hook(None, dist_utils.rank_ordered_mean_hook)
         self.train_model = train_model
         self.optimizer = build_optimizer(cfg.optim, self.method.param_groups(), self.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.amp)
@@ -332,7 +334,16 @@ class Trainer:
 
 def train(cfg: Config, run_dir: str | None = None) -> dict:
     """Run one config to the end (or resume it) in this process; returns results.json.
-    The process group stays up, so that a pipeline can run its next stage in it."""
+    The process group stays up, so that a pipeline can run its next stage in it.
+    A finished run (results.json present) returns at once, without building data or model:
+    a requeued pipeline skips its done stages in seconds."""
+    run_dir = run_dir or os.path.join(cfg.run.out_dir, cfg.run.name)
+    done = os.path.join(run_dir, "results.json")
+    if os.path.exists(done):
+        if dist_utils.env_ranks()[0] == 0:
+            print(f"{done} exists: this run is complete", flush=True)
+        with open(done) as f:
+            return json.load(f)
     trainer = Trainer(cfg, run_dir)
     try:
         return trainer.fit()
