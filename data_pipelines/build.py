@@ -16,7 +16,7 @@ from .augment import DEFAULT_STATS, build_transform
 from .datasets import AugmentedDataset
 from .longtail import class_counts, make_lt_subset
 from .samplers import SequentialSampler, build_sampler
-from .sources import FASHION_MNIST_ROOT, DataError, SubsetSource, open_source
+from .sources import FASHION_MNIST_ROOT, DataError, SubsetSource, open_source, select_classes
 from .torchvision_loader import build_torchvision_loader
 
 # SVHN-LT in the reference puts label 0 last in the head-to-tail order.
@@ -35,6 +35,7 @@ class DataBundle:
     world_size: int = 1
     seed: int = 0
     open_eval: object = None
+    make_dataset: object = None   # (source, train: bool) -> dataset with this config's transform
     _loaders: dict = field(default_factory=dict)
 
     def eval_dataset(self, split: str) -> AugmentedDataset:
@@ -53,15 +54,22 @@ class DataBundle:
 
     def train_loader(self, kind: str, epoch: int, start_batch: int = 0, class_weights=None):
         """(loader, sampler) positioned at `start_batch` of `epoch`."""
-        key = ("train", kind)
+        return self.sampled_loader(("train", kind), self.train, kind, self.local_batch, self.seed,
+                                   epoch, start_batch, class_weights)
+
+    def sampled_loader(self, key, dataset, kind: str, local_batch: int, seed: int, epoch: int,
+                       start_batch: int = 0, class_weights=None):
+        """(loader, sampler) over any dataset with our samplers, DDP shards and backend (e.g. an
+        unlabeled pool beside the labeled set), built once per key, positioned at
+        `start_batch` of `epoch`."""
         if key not in self._loaders:
-            sampler = build_sampler(kind, self.train.source.labels, batch_size=self.local_batch,
-                                    world_size=self.world_size, rank=self.rank, seed=self.seed,
+            sampler = build_sampler(kind, dataset.source.labels, batch_size=local_batch,
+                                    world_size=self.world_size, rank=self.rank, seed=seed,
                                     class_weights=class_weights)
             from .loaders import make_train_loader  # backend chosen by data.loader
 
-            loader = make_train_loader(self.cfg, self.train, sampler, batch_size=self.local_batch,
-                                       seed=self.seed + 7919 * self.rank,
+            loader = make_train_loader(self.cfg, dataset, sampler, batch_size=local_batch,
+                                       seed=seed + 7919 * self.rank,
                                        in_channels=self.in_channels)
             self._loaders[key] = (loader, sampler)
         loader, sampler = self._loaders[key]
@@ -81,10 +89,37 @@ class DataBundle:
         return self._loaders[key]
 
 
-def _open(cfg, split: str):
+def open_task_split(cfg, split: str):
+    """One split of the task's data set, restricted to `data.classes` when set."""
     list_key = {"train": "train_list", "val": "val_list", "test": "test_list"}[split]
-    return open_source(cfg["source"], cfg["root"], split, cfg.get(list_key),
-                       num_classes=cfg.get("num_classes"))
+    src = open_source(cfg["source"], cfg["root"], split, cfg.get(list_key),
+                      num_classes=cfg.get("num_classes"))
+    return select_classes(src, cfg["classes"]) if cfg.get("classes") else src
+
+
+def class_order(cfg):
+    """Head-to-tail order of the task's labels: data.classes as listed, else the source's."""
+    return None if cfg.get("classes") else CLASS_ORDER.get(cfg["source"])
+
+
+def labeled_split(cfg) -> tuple:
+    """(the whole train split of the task, its long-tailed subset that training uses)."""
+    full_train = open_task_split(cfg, "train")
+    train_src = full_train
+    if cfg["imbalance"] != "none":
+        train_src = make_lt_subset(full_train, n_max=cfg["n_max"], rho=cfg["rho"],
+                                   profile=cfg["imbalance"], seed=cfg["lt_seed"],
+                                   class_order=class_order(cfg))
+    return full_train, train_src
+
+
+def held_out_val(cfg, full_train, train_src):
+    """The `val_per_class` split of unused train images, or None when it is not configured."""
+    if not cfg.get("val_per_class"):
+        return None
+    used = getattr(train_src, "indices", np.arange(0))
+    idx = held_out_per_class(full_train, used, cfg["val_per_class"], cfg["lt_seed"] + 1)
+    return SubsetSource(full_train, idx)
 
 
 def held_out_per_class(full, used, per_class: int, seed: int):
@@ -109,12 +144,7 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, seed: int = 0,
 
     Evaluation splits: 'test', 'val' (a list/folder split, or `val_per_class` held-out train
     images), and 'train' (the training images without augmentation, for feature banks)."""
-    full_train = _open(cfg, "train")
-    train_src = full_train
-    if cfg["imbalance"] != "none":
-        train_src = make_lt_subset(full_train, n_max=cfg["n_max"], rho=cfg["rho"],
-                                   profile=cfg["imbalance"], seed=cfg["lt_seed"],
-                                   class_order=CLASS_ORDER.get(cfg["source"]))
+    full_train, train_src = labeled_split(cfg)
     stats_name = cfg["stats"] or cfg["source"]
     if stats_name not in DEFAULT_STATS:
         raise DataError(f"data.stats = {stats_name!r}: no normalization statistics by that name; "
@@ -130,11 +160,9 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, seed: int = 0,
         if split == "train":
             return dataset(train_src, False)
         if split == "val" and cfg.get("val_per_class"):
-            used = getattr(train_src, "indices", np.arange(0))
-            idx = held_out_per_class(full_train, used, cfg["val_per_class"], cfg["lt_seed"] + 1)
-            return dataset(SubsetSource(full_train, idx), False)
+            return dataset(held_out_val(cfg, full_train, train_src), False)
         try:
-            return dataset(_open(cfg, split), False)
+            return dataset(open_task_split(cfg, split), False)
         except DataError as e:
             if split != "val":
                 raise
@@ -143,7 +171,7 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, seed: int = 0,
 
     counts = class_counts(train_src.labels, train_src.num_classes)
     bundle = DataBundle(cfg, dataset(train_src, True), {}, train_src.num_classes, in_channels,
-                        counts, rank, world_size, seed, open_eval=open_eval)
+                        counts, rank, world_size, seed, open_eval=open_eval, make_dataset=dataset)
     for split in eval_splits:  # open now, so that a missing split fails before training
         bundle.eval_dataset(split)
     return bundle

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .augment import DEFAULT_STATS
-from .sources import ArraySource, DataError, FileSource, SubsetSource
+from .sources import ArraySource, DataError, FileSource, base_indices
 
 LOADER_KINDS = ("torchvision", "dali", "ffcv", "auto")
 AUGMENT_KINDS = ("small", "imagenet", "moco", "none")
@@ -144,13 +144,8 @@ class FlatSource:
 
 
 def flatten_source(src) -> FlatSource:
-    index = None
-    while isinstance(src, SubsetSource):
-        index = src.indices if index is None else src.indices[index]
-        src = src.base
-    if index is None:
-        index = np.arange(len(src), dtype=np.int64)
-    labels = np.asarray(src.labels, dtype=np.int64)[index]
+    labels = np.asarray(src.labels, dtype=np.int64)  # the outer labels: a subset may relabel
+    src, index = base_indices(src)
     if isinstance(src, FileSource):
         kind = "files"
     elif isinstance(src, ArraySource):

@@ -149,9 +149,12 @@ class TensorSource:
 
 
 class SubsetSource:
-    """A view of some items of another source, in the given order (e.g. a long-tailed subset)."""
+    """A view of some items of another source, in the given order (e.g. a long-tailed subset).
 
-    def __init__(self, source, indices):
+    ``labels`` / ``num_classes`` replace the source's own, e.g. for a task of a few of its
+    classes relabeled 0..k-1, or an unlabeled pool that trains on pseudo-labels."""
+
+    def __init__(self, source, indices, labels=None, num_classes: Optional[int] = None):
         idx = np.asarray(indices)
         if idx.size == 0:
             idx = idx.astype(np.int64)
@@ -164,8 +167,14 @@ class SubsetSource:
                             f"got range [{int(idx.min())}, {int(idx.max())}]")
         self.base = source
         self.indices = idx
-        self.labels = source.labels[idx]
-        self.num_classes = source.num_classes
+        if labels is None:
+            self.labels = source.labels[idx]
+        else:
+            self.labels = np.asarray(labels, dtype=np.int64)
+            if self.labels.shape != idx.shape:
+                raise DataError(f"{source.name}: expected one label per subset item, got "
+                                f"{self.labels.shape[0]} labels for {idx.size} items")
+        self.num_classes = source.num_classes if num_classes is None else int(num_classes)
         self.in_channels = source.in_channels
         self.name = source.name
 
@@ -177,6 +186,61 @@ class SubsetSource:
 
     def describe(self, i: int) -> str:
         return self.base.describe(int(self.indices[i]))
+
+
+def base_indices(src) -> tuple:
+    """(innermost source, its indices of ``src``'s items) through any chain of subsets."""
+    index = None
+    while isinstance(src, SubsetSource):
+        index = src.indices if index is None else src.indices[index]
+        src = src.base
+    if index is None:
+        index = np.arange(len(src), dtype=np.int64)
+    return src, np.asarray(index, dtype=np.int64)
+
+
+def select_classes(source, classes: Sequence[int]) -> SubsetSource:
+    """The items of ``classes`` only, relabeled 0..k-1 in the given order (a k-class task)."""
+    classes = [int(c) for c in classes]
+    bad = [c for c in classes if not 0 <= c < source.num_classes]
+    if bad or len(set(classes)) != len(classes) or not classes:
+        raise DataError(f"data.classes = {classes}: expected distinct class ids of "
+                        f"{source.name} in [0, {source.num_classes})")
+    mapping = np.full(source.num_classes, -1, dtype=np.int64)
+    mapping[classes] = np.arange(len(classes))
+    relabeled = mapping[np.asarray(source.labels, dtype=np.int64)]
+    keep = np.nonzero(relabeled >= 0)[0]
+    return SubsetSource(source, keep, labels=relabeled[keep], num_classes=len(classes))
+
+
+class ConcatSource:
+    """Several sources one after another (e.g. an unlabeled pool with a part drawn from another
+    data set); ``labels`` and ``num_classes`` are given, since the parts' label spaces differ."""
+
+    def __init__(self, sources: Sequence, labels, num_classes: int, name: str = "concat"):
+        self.sources = list(sources)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.labels) != self.offsets[-1]:
+            raise DataError(f"{name}: expected {self.offsets[-1]} labels, got {len(self.labels)}")
+        self.num_classes = int(num_classes)
+        self.in_channels = max(int(getattr(s, "in_channels", 3)) for s in self.sources)
+        self.name = name
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, i: int) -> tuple:
+        part = int(np.searchsorted(self.offsets, int(i), side="right")) - 1
+        return self.sources[part], int(i) - int(self.offsets[part])
+
+    def load(self, i: int):
+        src, j = self._locate(i)
+        return src.load(j)
+
+    def describe(self, i: int) -> str:
+        src, j = self._locate(i)
+        return src.describe(j)
 
 
 # ----------------------------------------------------------------------------- list files

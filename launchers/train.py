@@ -18,8 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipelines.build import check_data_paths  # noqa: E402
 from data_pipelines.sources import DataError  # noqa: E402
+from data_pipelines.unlabeled_pool import check_pool_paths  # noqa: E402
 from trainer import distributed as dist_utils  # noqa: E402
-from trainer.config import ConfigError  # noqa: E402
+from trainer.config import POOL_METHODS, ConfigError  # noqa: E402
 from trainer.pipeline import describe_plan, load_plan, run_plan  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=1, help="local processes (DDP)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, print the plan of stages, check the data paths, and stop")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may sit among the overrides
 
 
 def prepare(config: str, overrides: list[str], dry_run: bool = False):
@@ -73,6 +74,8 @@ def prepare(config: str, overrides: list[str], dry_run: bool = False):
     plan = load_plan(config, overrides)
     for stage in plan:
         problems = check_data_paths(stage.cfg.data)
+        if stage.cfg.method.name in POOL_METHODS:
+            problems += check_pool_paths(stage.cfg.semi)
         if problems:
             raise DataError(f"stage '{stage.name}': " + "; ".join(problems))
     if dry_run:

@@ -123,6 +123,6 @@ def test_shipped_configs_validate(name):
     except ConfigError as e:
         assert "is required" in str(e)
         plan = load_plan(path, ["data.root=/data", "data.train_list=a", "data.val_list=b",
-                                "data.test_list=c"])
+                                "data.test_list=c", "semi.root=/pool", "semi.list=d"])
     names = [s.cfg.run.name for s in plan]
     assert names == [name[:-5]] or all(n.startswith(name[:-5] + "/") for n in names)

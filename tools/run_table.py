@@ -23,6 +23,14 @@ FMNIST_TABLE = ["fmnist_lt_ce", "fmnist_lt_cb_ce", "fmnist_lt_focal", "fmnist_lt
                 "fmnist_lt_ce_drs", "fmnist_lt_ldam_drw"]
 
 
+def launch(config: str, overrides: list[str]) -> bool:
+    """Train a config (or pipeline) in a fresh process, so a failure stops nothing else; quiet
+    progress lines. True when it succeeded."""
+    cmd = [sys.executable, os.path.join(ROOT, "launchers", "train.py"), config,
+           "engine.progress=lines", "engine.log_every=1000", *overrides]
+    return subprocess.run(cmd).returncode == 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--configs", nargs="+",
@@ -37,17 +45,19 @@ def main(argv=None) -> int:
     for i, (config, seed) in enumerate(jobs, 1):
         name = os.path.splitext(os.path.basename(config))[0] + f"_s{seed}"
         print(f"== [{i}/{len(jobs)}] {name} ({time.time() - t0:.0f}s elapsed)", flush=True)
-        cmd = [sys.executable, os.path.join(ROOT, "launchers", "train.py"), config,
-               f"run.seed={seed}", f"run.name={name}", f"run.out_dir={args.out}",
-               "engine.progress=lines", "engine.log_every=1000", *args.overrides]
-        if subprocess.run(cmd).returncode != 0:
+        if not launch(config, [f"run.seed={seed}", f"run.name={name}",
+                               f"run.out_dir={args.out}", *args.overrides]):
             failed.append(name)
     print(f"== all runs done in {time.time() - t0:.0f}s")
     collect_results.main([args.out, "--out", os.path.join(args.out, "summary")])
+    return exit_code(failed)
+
+
+def exit_code(failed: list[str]) -> int:
+    """1, naming the failed runs on stderr, when any failed; else 0."""
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ REQUIRED = "???"  # a value that a config must set (e.g. the data root of ImageN
 
 
 FROZEN_BACKBONE_METHODS = ("crt", "lws", "linear_probe", "ncm", "tau_norm")
+SEMI_METHODS = ("self_training", "mean_teacher", "vat")     # train on labels + the pool
+POOL_METHODS = SEMI_METHODS + ("pseudo_label",)             # read the unlabeled pool
+SOURCES = ("fashion_mnist", "cifar10", "cifar100", "svhn", "list", "folder")
 
 
 class ConfigError(ValueError):
@@ -48,8 +51,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "deterministic": F("bool", False, help="torch deterministic algorithms"),
     },
     "data": {
-        "source": F("str", "fashion_mnist", "fashion_mnist", "cifar10", "cifar100", "svhn",
-                    "list", "folder"),
+        "source": F("str", "fashion_mnist", *SOURCES),
         "root": F("str", None, nullable=True, help="data root; null = the source's default"),
         "train_list": F("str", None, nullable=True),
         "val_list": F("str", None, nullable=True),
@@ -78,6 +80,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "check_files": F("bool", False, help="stat every listed image before training"),
         "val_per_class": F("int", 0, help="make a balanced 'val' split of this many unused "
                                           "train images per class (array sources)"),
+        "classes": F("list", None, nullable=True, item="int",
+                     help="a task of these source classes only, relabeled 0..k-1 in this "
+                          "(head-to-tail) order; null = every class"),
     },
     "model": {
         "name": F("str", "resnet32"),
@@ -123,7 +128,53 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "method": {
         "name": F("str", "supervised", help="supervised, moco, rotation, crt, lws, "
-                  "linear_probe, ncm, tau_norm"),
+                  "linear_probe, ncm, tau_norm, pseudo_label, self_training, mean_teacher, vat"),
+    },
+    # Semi-supervised learning (paper, Sections 2-3): the unlabeled pool D_U, its pseudo-labels
+    # and how training mixes it with the labeled set. Read by the methods in POOL_METHODS.
+    "semi": {
+        "size": F("float", 5.0, help="D_U@Nx: the pool holds N x the labeled images"),
+        "rho_u": F("float", 1.0, help="imbalance of the pool's relevant images, in the labeled "
+                                      "set's head-to-tail class order"),
+        "relevance": F("float", 1.0, help="share of the pool from the task's classes; the rest "
+                                          "comes evenly from classes outside the task"),
+        "seed": F("int", 0, help="which images the pool draws"),
+        "source": F("str", None, *SOURCES, nullable=True,
+                    help="pool images; null = the labeled data set's unused train images"),
+        "root": F("str", None, nullable=True, help="null = data.root for the same data set"),
+        "split": F("str", "train", help="split of semi.source (e.g. 'extra' for SVHN)"),
+        "list": F("str", None, nullable=True, help="'path label' list for semi.source: list "
+                                                   "(labels in the task's class ids)"),
+        "irrelevant_source": F("str", None, *SOURCES, nullable=True,
+                               help="another data set for the irrelevant share; null = the "
+                                    "pool source's classes outside data.classes"),
+        "irrelevant_root": F("str", None, nullable=True),
+        "irrelevant_split": F("str", "train"),
+        "irrelevant_list": F("str", None, nullable=True),
+        "pool_file": F("str", None, nullable=True,
+                       help="pool.json of tools/make_unlabeled_pool.py instead of the keys above"),
+        "pseudo_labels": F("str", None, nullable=True,
+                           help="pseudo_labels.npz for self_training: '@stage' (a pseudo_label "
+                                "stage) or a file of tools/pseudo_label.py"),
+        "threshold": F("float", 0.0, help="pseudo_label: keep labels of at least this "
+                                          "confidence (0 = all, as the reference)"),
+        "top_k": F("int", 0, help="pseudo_label: keep the k most confident per class; 0 = all"),
+        "save_probs": F("bool", False, help="pseudo_label: also store the probability vectors"),
+        "omega": F("float", 1.0, help="loss = L(D_L) + omega * L(D_U)"),
+        "unlabeled_ratio": F("float", None, nullable=True,
+                             help="pool images per labeled image in each batch; null = "
+                                  "semi.size, so an epoch (one pass over the labeled set) is "
+                                  "also one pass over the pool"),
+        "rampup_epochs": F("float", 0.0, help="omega grows as exp(-5 (1 - t/T)^2) over the "
+                                              "first T epochs; 0 = constant"),
+        "counts": F("str", "combined", "combined", "labeled",
+                    help="class counts behind LDAM margins and CB weights in self-training: "
+                         "labeled + pseudo-labeled, or the labeled set only"),
+        "ema_decay": F("float", 0.99, help="mean_teacher: teacher = EMA of the student"),
+        "noise": F("float", 0.15, help="mean_teacher: std of the Gaussian input noise, drawn "
+                                       "separately for student and teacher"),
+        "vat_xi": F("float", 1e-6, help="vat: step of the power iteration"),
+        "vat_eps": F("float", 6.0, help="vat: L2 norm of the adversarial perturbation"),
     },
     "moco": {
         "dim": F("int", 128, help="projection (key) dimension"),
@@ -465,6 +516,69 @@ def check_consistency(cfg: Config, origins: dict | None = None):
     if cfg.data.rho < 1:
         raise ConfigError(f"{_where(o, 'data.rho')}: data.rho = {cfg.data.rho} must be >= 1 "
                           f"(rho = n_max / n_min)")
+    classes = cfg.data.classes
+    if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes)
+                                or min(classes) < 0):
+        raise ConfigError(f"{_where(o, 'data.classes')}: data.classes = {classes} must list at "
+                          f"least two distinct class ids >= 0")
+    _check_semi(cfg, o)
+
+
+def unlabeled_batch(cfg) -> int:
+    """Pool images in each global batch (semi.unlabeled_ratio, or semi.size, x the batch)."""
+    ratio = cfg.semi.unlabeled_ratio if cfg.semi.unlabeled_ratio is not None else cfg.semi.size
+    return int(round(ratio * cfg.data.batch_size))
+
+
+def _check_semi(cfg: Config, o: dict):
+    s, method = cfg.semi, cfg.method.name
+
+    def fail(key, why):
+        raise ConfigError(f"{_where(o, 'semi.' + key)}: semi.{key} = {s[key]!r} {why}")
+
+    if method == "self_training" and not s.pseudo_labels:
+        fail("pseudo_labels", "is not set: method 'self_training' trains on pseudo-labels; "
+                              "set it to '@stage' of a pseudo_label stage or to a "
+                              "pseudo_labels.npz of tools/pseudo_label.py")
+    if s.pseudo_labels and method != "self_training":
+        fail("pseudo_labels", f"is only read by method 'self_training' (method.name is "
+                              f"'{method}'); set it in that stage only")
+    checks = [("size", s.size > 0, "must be > 0"), ("rho_u", s.rho_u >= 1, "must be >= 1"),
+              ("relevance", 0 <= s.relevance <= 1, "must lie in [0, 1]"),
+              ("threshold", 0 <= s.threshold < 1, "must lie in [0, 1)"),
+              ("top_k", s.top_k >= 0, "must be >= 0 (0 = keep every label)"),
+              ("omega", s.omega >= 0, "must be >= 0"),
+              ("unlabeled_ratio", s.unlabeled_ratio is None or s.unlabeled_ratio > 0,
+               "must be > 0 (or null)"),
+              ("rampup_epochs", s.rampup_epochs >= 0, "must be >= 0"),
+              ("ema_decay", 0 <= s.ema_decay < 1, "must lie in [0, 1)"),
+              ("noise", s.noise >= 0, "must be >= 0"),
+              ("vat_xi", s.vat_xi > 0, "must be > 0"), ("vat_eps", s.vat_eps > 0, "must be > 0")]
+    for key, ok, why in checks:
+        if not ok:
+            fail(key, why)
+    if method not in POOL_METHODS:
+        return
+    for prefix in ("", "irrelevant_"):
+        if s[prefix + "source"] == "list" and not s[prefix + "list"]:
+            fail(prefix + "source", f"needs semi.{prefix}list (a file of 'relative/path "
+                                    f"label' lines)")
+    if s.pool_file is None and s.relevance < 1 and s.irrelevant_source is None \
+            and not cfg.data.classes and s.source in (None, cfg.data.source):
+        fail("relevance", "draws part of the pool from classes outside the task, but the task "
+                          "has every class of its data set: set data.classes to a subset, or "
+                          "semi.irrelevant_source to another data set")
+    if method in SEMI_METHODS and unlabeled_batch(cfg) < 1:
+        fail("unlabeled_ratio", f"gives no pool image per batch of data.batch_size = "
+                                f"{cfg.data.batch_size}; raise it")
+    if method == "pseudo_label":
+        if not cfg.model.init or not cfg.model.init_head:
+            raise ConfigError(f"{_where(o, 'method.name')}: method 'pseudo_label' labels the "
+                              f"pool with a trained classifier: set model.init (a run folder, "
+                              f"a checkpoint or '@stage') and model.init_head: true")
+        if cfg.sched.epochs != 0:
+            raise ConfigError(f"{_where(o, 'sched.epochs')}: method 'pseudo_label' does not "
+                              f"train: set sched.epochs: 0 (and sched.warmup_epochs: 0)")
 
 
 def extend_schema(section: str, fields: dict[str, Field]):

@@ -114,6 +114,27 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b[: int(s.item())] for b, s in zip(buf, sizes)])
 
 
+def rank_ordered_mean_hook(state, bucket):
+    """DDP comm hook: average a gradient bucket by summing the ranks' copies in rank order.
+
+    An all-reduce adds the ranks' values in an order that depends on how DDP cut the buckets,
+    and DDP re-cuts them after the first step of every new process, so a resumed run with more
+    than 2 ranks rounds differently from an uninterrupted one. Gathering every rank's copy and
+    adding them 0, 1, 2, ... makes each element's sum independent of the buckets. It moves W
+    times the data of an all-reduce, so the engine uses it only in deterministic mode on CPU."""
+    grads = bucket.buffer()
+    parts = [torch.empty_like(grads) for _ in range(dist.get_world_size())]
+    fut = dist.all_gather(parts, grads, async_op=True).get_future()
+
+    def average(_):
+        total = parts[0].clone()
+        for p in parts[1:]:
+            total += p
+        return total.div_(len(parts))
+
+    return fut.then(average)
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (so all ranks stop together)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -135,3 +156,25 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def _local_worker(local_rank: int, world: int, port: int, fn, kwargs: dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(world))
+    try:
+        fn(**kwargs)
+    finally:
+        cleanup()
+
+
+def run_local(fn, nproc: int, kwargs: dict):
+    """fn(**kwargs) on `nproc` local processes that form one process group (a tool's --nproc);
+    in this process when nproc <= 1 or under torchrun. `fn` must be a module-level function."""
+    if nproc <= 1 or "RANK" in os.environ:
+        return fn(**kwargs)
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_local_worker, args=(nproc, free_port(), fn, kwargs), nprocs=nproc,
+                       start_method="spawn")
+    return None

@@ -586,28 +586,11 @@ def _precheck(out: str, identity: dict) -> bool:
     return False
 
 
-def _ddp_worker(local_rank: int, world: int, port: int, kwargs: dict):
-    from . import distributed as dist_utils
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
-                      LOCAL_WORLD_SIZE=str(world))
-    try:
-        extract_run(**kwargs)
-    finally:
-        dist_utils.cleanup()
-
-
 def extract_run_ddp(nproc: int, **kwargs) -> str:
     """`extract_run` on `nproc` local processes (gloo on CPU, NCCL on GPUs)."""
-    if nproc <= 1 or "RANK" in os.environ:
-        return extract_run(**kwargs)
-    import torch.multiprocessing as mp
-
     from . import distributed as dist_utils
 
-    mp.start_processes(_ddp_worker, args=(nproc, dist_utils.free_port(), kwargs),
-                       nprocs=nproc, start_method="spawn")
+    dist_utils.run_local(extract_run, nproc, kwargs)
     return kwargs["out"]
 
 

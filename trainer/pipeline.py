@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .config import (SCHEMA, Config, ConfigError, _load_file, _merge, check_consistency, check_required,
                      parse_override, resolve)
+from .pseudo_labels import FILE as PSEUDO_LABELS
 
 
 @dataclass
@@ -94,19 +95,26 @@ def _finish(data: dict, origins: dict) -> Config:
     return cfg
 
 
+# Keys that may name an earlier stage as '@name', and the file of that stage they mean.
+REFERENCES = (("model", "init", "model_final.pt"), ("semi", "pseudo_labels", PSEUDO_LABELS))
+
+
 def _resolve_references(plan: list[Stage], where: str):
-    """'@name' in model.init -> that earlier stage's final weights."""
+    """'@name' in model.init -> that earlier stage's final weights; in semi.pseudo_labels ->
+    the pseudo-labels that stage wrote."""
     done = {}
     for stage in plan:
-        init = stage.cfg.model.init
-        if isinstance(init, str) and init.startswith("@"):
-            ref = init[1:]
+        for section, key, file in REFERENCES:
+            value = stage.cfg[section][key]
+            if not (isinstance(value, str) and value.startswith("@")):
+                continue
+            ref = value[1:]
             if ref not in done:
                 later = any(s.name == ref for s in plan)
-                raise ConfigError(f"{where} (stage '{stage.name}'): model.init = '{init}' must "
-                                  f"name an {'earlier' if later else 'existing'} stage "
+                raise ConfigError(f"{where} (stage '{stage.name}'): {section}.{key} = '{value}' "
+                                  f"must name an {'earlier' if later else 'existing'} stage "
                                   f"(earlier stages: {', '.join(done) or 'none'})")
-            stage.cfg.model.init = os.path.join(done[ref], "model_final.pt")
+            stage.cfg[section][key] = os.path.join(done[ref], file)
         done[stage.name] = stage.run_dir
 
 

@@ -18,5 +18,6 @@ def create_method(cfg, data, device) -> Method:
     return METHODS[cfg.method.name](cfg, data, device)
 
 
-from . import (crt, linear_probe, lws, moco, ncm, rotation,  # noqa: E402,F401
-               supervised, tau_norm)  # each registers itself
+from . import (crt, linear_probe, lws, mean_teacher, moco, ncm,  # noqa: E402,F401
+               pseudo_label, rotation, self_training, supervised, tau_norm,
+               vat)  # each registers itself

@@ -1,0 +1,81 @@
+"""Mean Teacher (Tarvainen & Valpola 2017; the paper's Appendix): the student learns from the
+labels and from agreeing with a teacher whose weights are an exponential moving average of its
+own, on the pool: loss = L(D_L) + omega * MSE(softmax(student), softmax(teacher)).
+
+Student and teacher see the same augmented pool image with independent Gaussian noise
+(semi.noise) drawn from (seed, step, rank). The teacher is what gets evaluated and saved as
+model_final.pt (it is usually the better of the two).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from . import register
+from .semi_base import SemiSupervised
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float):
+    """teacher <- decay * teacher + (1 - decay) * student, over the parameters; the teacher's
+    BatchNorm statistics come from its own forward passes, as in the original."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """The original's warm-up: a plain running mean until it reaches `decay` (step 0-based)."""
+    return min(1.0 - 1.0 / (step + 2), decay)
+
+
+@register
+class MeanTeacher(SemiSupervised):
+    name = "mean_teacher"
+
+    def __init__(self, cfg, data, device):
+        super().__init__(cfg, data, device)
+        self.teacher = copy.deepcopy(self.model).to(device, memory_format=self.memory_format)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def training_step(self, model, batch):
+        images, labels = batch
+        u_images, _ = self.next_unlabeled()
+        sigma, n = self.cfg.semi.noise, images.shape[0]
+        g = self.step_generator(u_images.device, 0x7EAC)
+
+        def noisy(x):
+            if sigma == 0:
+                return x
+            return x + sigma * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+
+        student_in = noisy(u_images)
+        teacher_in = noisy(u_images)
+        logits = model(torch.cat([images, student_in]))
+        self.teacher.train()      # batch statistics, as the student
+        with torch.no_grad():
+            target = F.softmax(self.teacher(teacher_in).float(), dim=1)
+        loss_l = self.loss(logits[:n], labels)
+        loss_u = F.mse_loss(F.softmax(logits[n:].float(), dim=1), target)
+        loss = loss_l + self.unlabeled_weight() * loss_u
+        return loss, self.labeled_logs(logits[:n], labels, loss_l, loss_u, loss)
+
+    def on_step_end(self, model, global_step: int) -> None:
+        ema_update(self.teacher, self.model, ema_decay(global_step, self.cfg.semi.ema_decay))
+
+    @torch.no_grad()
+    def predict(self, model, images):
+        self.teacher.eval()
+        return self.teacher(images)
+
+    def final_model(self):
+        return self.teacher
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.teacher.load_state_dict(state["teacher"])

@@ -1,0 +1,228 @@
+"""Pseudo-labels of an unlabeled pool: hard labels, confidences, optional probability vectors,
+a selection (confidence threshold, per-class top-k) and their accuracy against the pool's hidden
+labels. Shared by the `pseudo_label` pipeline stage and tools/pseudo_label.py.
+
+The file is a plain .npz (loaded with allow_pickle=False; the reference pickled it), written
+atomically, and carries the fingerprint of the pool it labels so that self-training refuses
+labels made for another pool. Row i labels pool image i.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .checkpoint import atomic_write
+
+FILE = "pseudo_labels.npz"
+FORMAT = "ltt-pseudo-labels"
+VERSION = 1
+
+
+@dataclass
+class PseudoLabels:
+    labels: np.ndarray            # (N,) int64 argmax class
+    confidence: np.ndarray        # (N,) float32 max probability
+    selected: np.ndarray          # (N,) bool: kept for training
+    hidden: np.ndarray | None     # (N,) int64 true task label, -1 outside the task; analysis only
+    probs: np.ndarray | None      # (N, C) float32, when kept
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+
+def select(labels: np.ndarray, confidence: np.ndarray, num_classes: int, threshold: float = 0.0,
+           top_k: int = 0) -> np.ndarray:
+    """Keep labels of confidence >= threshold, then at most the top_k most confident of each
+    class (ties: the earlier row); 0 / 0 keep everything, as the reference does."""
+    keep = confidence >= threshold
+    if top_k:
+        for c in range(num_classes):
+            rows = np.nonzero(keep & (labels == c))[0]
+            if len(rows) > top_k:
+                ranked = rows[np.argsort(-confidence[rows], kind="stable")]
+                keep[ranked[top_k:]] = False
+    return keep
+
+
+def from_probs(probs, hidden=None, threshold: float = 0.0, top_k: int = 0,
+               keep_probs: bool = False, **meta) -> PseudoLabels:
+    """Pseudo-labels from (N, C) class probabilities."""
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 2:
+        raise ValueError(f"expected (N, C) probabilities, got shape {probs.shape}")
+    labels = probs.argmax(1).astype(np.int64)
+    confidence = probs.max(1)
+    num_classes = probs.shape[1]
+    chosen = select(labels, confidence, num_classes, threshold, top_k)
+    hidden = None if hidden is None else np.asarray(hidden, dtype=np.int64)
+    meta = {"format": FORMAT, "version": VERSION, "num_classes": num_classes,
+            "count": len(labels), "threshold": threshold, "top_k": top_k, **meta}
+    return PseudoLabels(labels, confidence, chosen, hidden, probs if keep_probs else None, meta)
+
+
+def accuracy_report(pl: PseudoLabels) -> dict:
+    """Per true class: pool images, selected, correctly labelled, accuracy (%); per pseudo
+    class: how many were assigned and their precision; overall accuracy on the selected
+    images of the task, and what the images outside the task were labelled as."""
+    c_num, sel = pl.num_classes, pl.selected
+    rep = {"count": len(pl), "selected": int(sel.sum()),
+           "assigned": np.bincount(pl.labels[sel], minlength=c_num).tolist()}
+    if pl.hidden is None:
+        return rep
+    h, y = pl.hidden, pl.labels
+    per_class = []
+    for c in range(c_num):
+        mine, picked = h == c, sel & (h == c)
+        correct = int((picked & (y == c)).sum())
+        assigned = int((sel & (y == c)).sum())
+        per_class.append({"class": c, "in_pool": int(mine.sum()), "selected": int(picked.sum()),
+                          "correct": correct,
+                          "accuracy": 100.0 * correct / picked.sum() if picked.any() else None,
+                          "assigned": assigned,
+                          "precision": 100.0 * correct / assigned if assigned else None})
+    relevant = sel & (h >= 0)
+    outside = sel & (h < 0)
+    accs = [p["accuracy"] for p in per_class if p["accuracy"] is not None]
+    hits = y[relevant] == h[relevant]
+    rep.update(per_class=per_class,
+               accuracy=100.0 * float(hits.mean()) if relevant.any() else None,
+               balanced_accuracy=float(np.mean(accs)) if accs else None,
+               outside_task=int(outside.sum()),
+               outside_assigned=np.bincount(y[outside], minlength=c_num).tolist())
+    return rep
+
+
+def format_report(rep: dict) -> str:
+    """The report as a short table for logs and the command line."""
+    lines = [f"pseudo-labels: {rep['selected']} of {rep['count']} pool images selected; "
+             f"per class {rep['assigned']}"]
+    if "per_class" not in rep:
+        return lines[0]
+
+    def pct(v):
+        return "-" if v is None else f"{v:.1f}"
+    lines.append(f"accuracy on the task's images {pct(rep['accuracy'])}% (balanced "
+                 f"{pct(rep['balanced_accuracy'])}%); {rep['outside_task']} images outside the "
+                 f"task labelled as {rep['outside_assigned']}")
+    lines.append("class  in pool  selected  accuracy %  assigned  precision %")
+    for p in rep["per_class"]:
+        lines.append(f"{p['class']:>5}  {p['in_pool']:>7}  {p['selected']:>8}  "
+                     f"{pct(p['accuracy']):>10}  {p['assigned']:>8}  {pct(p['precision']):>11}")
+    return "\n".join(lines)
+
+
+def save(path: str, pl: PseudoLabels):
+    """Write atomically as a plain .npz (no object arrays, so no pickle)."""
+    arrays = {"labels": pl.labels, "confidence": pl.confidence, "selected": pl.selected,
+              "meta": np.asarray(json.dumps(pl.meta))}
+    if pl.hidden is not None:
+        arrays["hidden_labels"] = pl.hidden
+    if pl.probs is not None:
+        arrays["probs"] = pl.probs
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load(path: str) -> PseudoLabels:
+    """Read a pseudo-label file; every problem names the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: pseudo-label file not found (written by a "
+                                f"pseudo_label stage or tools/pseudo_label.py)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: cannot be read as a pseudo-label .npz ({e})") from None
+    missing = [k for k in ("labels", "confidence", "selected", "meta") if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: not a pseudo-label file (lacks {', '.join(missing)})")
+    meta = json.loads(str(arrays["meta"]))
+    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
+        raise ValueError(f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not "
+                         f"{FORMAT!r} v<={VERSION}")
+    n = len(arrays["labels"])
+    for k in ("confidence", "selected", "hidden_labels", "probs"):
+        if k in arrays and len(arrays[k]) != n:
+            raise ValueError(f"{path}: {k} has {len(arrays[k])} rows but labels has {n}")
+    return PseudoLabels(arrays["labels"].astype(np.int64), arrays["confidence"],
+                        arrays["selected"].astype(bool), arrays.get("hidden_labels"),
+                        arrays.get("probs"), meta)
+
+
+def check_pool(pl: PseudoLabels, path: str, fingerprint: str, count: int, num_classes: int):
+    """Refuse labels made for another pool or task."""
+    if pl.meta.get("pool_fingerprint") != fingerprint or len(pl) != count:
+        theirs = str(pl.meta.get("pool_fingerprint"))[:12]
+        raise ValueError(f"semi.pseudo_labels = {path!r} labels another unlabeled pool "
+                         f"({len(pl)} images, fingerprint {theirs}) "
+                         f"than this config's semi section builds ({count} images, "
+                         f"fingerprint {fingerprint[:12]}); use the semi.* keys of the stage "
+                         f"that made them")
+    if pl.num_classes != num_classes:
+        raise ValueError(f"semi.pseudo_labels = {path!r} has {pl.num_classes} classes, the task "
+                         f"{num_classes}")
+
+
+def label_run(run_dir: str, out: str, checkpoint: str | None = None, overrides=(),
+              threshold: float = 0.0, top_k: int = 0, save_probs: bool = False,
+              batch_size: int | None = None, workers: int | None = None, device: str = "auto",
+              chunk_size: int = 1024, progress: bool = True) -> dict | None:
+    """Pseudo-label the pool of a run's config (`overrides` such as "semi.rho_u=1" or
+    "semi.pool_file=..." choose another) with one of its checkpoints; write `out` (.npz) and
+    return the accuracy report (on rank 0; None on the others).
+
+    The pass over the pool is a feature-bank extraction of the class probabilities: sharded
+    over the ranks (torchrun, or `distributed.run_local`), in chunks that a killed run does not
+    redo, with a progress bar on rank 0; the temporary bank is removed at the end.
+    """
+    import shutil
+
+    import torch
+
+    from data_pipelines.sources import SubsetSource
+    from data_pipelines.unlabeled_pool import build_pool
+
+    from . import distributed as dist_utils
+    from . import feature_bank as fb
+
+    ckpt = os.path.abspath(checkpoint or fb.default_checkpoint(run_dir))
+    cfg = fb.run_config(run_dir, overrides)
+    pool = build_pool(cfg.data, cfg.semi)
+    info = dist_utils.setup(device)
+    if info.device.type == "cpu" and info.world_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+    run = fb.load_run_model(run_dir, ckpt, info.device)
+    logits = fb.feature_fn(run, "head")
+    # the bank's labels must be classes: hidden labels (-1 outside the task) stay in `pool`
+    blind = SubsetSource(pool.source, np.arange(len(pool)), labels=np.zeros(len(pool), np.int64),
+                         num_classes=pool.num_classes)
+    bank_dir = os.path.splitext(out)[0] + ".probs_bank"
+    fb.extract_bank(bank_dir, run.data.make_dataset(blind, False),
+                    lambda x: torch.softmax(logits(x), dim=1),
+                    {"checkpoint": ckpt, "checkpoint_sha256": fb.file_sha256(ckpt),
+                     "layer": "probabilities", "dataset": {"pool": pool.fingerprint}},
+                    chunk_size=chunk_size, batch_size=batch_size or cfg.data.eval_batch_size,
+                    workers=cfg.data.workers if workers is None else workers, rank=info.rank,
+                    world_size=info.world_size, header={"num_classes": pool.num_classes},
+                    progress=progress)
+    report = None
+    if info.is_main:
+        probs = np.asarray(fb.load_bank(bank_dir, mmap=False).features)
+        if probs.shape[1] != pool.num_classes:
+            raise ValueError(f"{ckpt}: the model gives {probs.shape[1]} outputs, not the task's "
+                             f"{pool.num_classes} classes (is it a classifier?)")
+        pl = from_probs(probs, pool.hidden, threshold, top_k, save_probs,
+                        pool_fingerprint=pool.fingerprint, checkpoint=ckpt, pool=pool.summary())
+        save(out, pl)
+        shutil.rmtree(bank_dir)
+        report = accuracy_report(pl)
+    dist_utils.barrier()
+    return report
