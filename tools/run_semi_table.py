@@ -4,7 +4,7 @@ the shape of its Figure 2, measured with the self-training pipelines.
     python tools/run_semi_table.py [--seeds 0] [--rho-u 1 rho/2 rho 2rho]
         [--relevance 0 0.2 0.4 0.6 0.8 1] [--no-relevance] [--out runs/semi_table]
         [--config configs/fmnist_lt_self_training.yaml]
-        [--relevance-config configs/fmnist5_lt_relevance.yaml] [key=value ...]
+        [--relevance-config configs/fmnist5_lt_relevance.yaml] [--jobs 2] [key=value ...]
 
 Each cell runs the pipeline labels -> pseudo -> both with semi.rho_u (or semi.relevance) set;
 the 'labels' stage of one method and seed is shared by its cells (its folder is the same), so
@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tools import collect_results  # noqa: E402
-from tools.run_table import exit_code, launch  # noqa: E402
+from tools.run_table import exit_code, launch_all  # noqa: E402
 from trainer.pipeline import load_plan  # noqa: E402
 
 METHODS = {"CE": [], "LDAM-DRW": ["loss.name=ldam", "model.head=cosine", "train_rule.name=drw"]}
@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--relevance", nargs="+", type=float, default=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
     p.add_argument("--no-relevance", action="store_true", help="only Table 1")
     p.add_argument("--out", default=os.path.join("runs", "semi_table"))
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (see run_table.py)")
     p.add_argument("overrides", nargs="*", help="applied to every run, e.g. sched.epochs=1")
     args = p.parse_args(argv)
     extra = stage_overrides(args.overrides)
@@ -155,11 +156,19 @@ def main(argv=None) -> int:
                 jobs.append(("relevance", value, args.relevance_config,
                              cell_runs(args.out, "relevance", seed, [], "relevance", value,
                                        extra)))
-    t0, failed = time.time(), []
-    for i, (kind, key, config, over) in enumerate(jobs, 1):
-        print(f"== [{i}/{len(jobs)}] {kind} {key} ({time.time() - t0:.0f}s elapsed)", flush=True)
-        if not launch(config, over):
-            failed.append(f"{kind} {key}")
+    t0 = time.time()
+    runs = [(f"{kind} {key}", config, over) for kind, key, config, over in jobs]
+    # Cells of one method share its 'labels' stage: the first cell of each group trains it,
+    # then (in parallel with --jobs) the other cells, which find it finished.
+    first, seen = [], set()
+    for run in runs:
+        group = next(o for o in run[2] if o.startswith("labels.run.out_dir="))
+        if group not in seen:
+            seen.add(group)
+            first.append(run)
+    rest = [r for r in runs if r not in first]
+    log_dir = os.path.join(args.out, "logs")
+    failed = launch_all(first, args.jobs, log_dir) + launch_all(rest, args.jobs, log_dir)
     print(f"== all runs done in {time.time() - t0:.0f}s")
 
     named, rel, pseudo_acc = {}, {}, {}   # keyed by (name, seed): a shared stage counts once

@@ -1,0 +1,37 @@
+"""The table runners: runs in parallel, each in its own folder and log, then one summary."""
+import os
+
+from tests.conftest import ROOT, needs_fmnist
+from tools import run_table
+
+pytestmark = needs_fmnist
+
+
+def test_parallel_runs_have_their_own_folders_logs_and_one_summary(tiny, tmp_path):
+    out = tmp_path / "table"
+    over = [o for o in tiny if not o.startswith("run.out_dir=")]
+    code = run_table.main(["--configs", os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml"),
+                           "--seeds", "0", "1", "--jobs", "2", "--out", str(out),
+                           *over, "model.name=mlp", "sched.epochs=1", "sched.milestones=[]"])
+    assert code == 0
+    for seed in (0, 1):
+        assert (out / f"fmnist_lt_ce_s{seed}" / "results.json").is_file()
+        log = (out / "logs" / f"fmnist_lt_ce_s{seed}.log").read_text()
+        assert "engine.threads" not in log and "balanced error" in log
+        assert f"run.seed={seed}" not in log   # the log is the run's own output
+    summary = (out / "summary.md").read_text()
+    assert "| fmnist_lt_ce | 2 |" in summary
+
+
+def test_a_failed_run_is_named_and_the_others_finish(tiny, tmp_path, capsys):
+    out = tmp_path / "table"
+    over = [o for o in tiny if not o.startswith("run.out_dir=")]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("_base_: " + os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml")
+                   + "\noptim: {lr: -1}\n")
+    code = run_table.main(["--configs", str(bad), os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml"),
+                           "--seeds", "0", "--jobs", "2", "--out", str(out),
+                           *over, "model.name=mlp", "sched.epochs=1", "sched.milestones=[]"])
+    assert code == 1
+    assert "failed: bad_s0" in capsys.readouterr().err
+    assert (out / "fmnist_lt_ce_s0" / "results.json").is_file()
