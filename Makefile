@@ -1,7 +1,7 @@
 # The two commands of the README. Both set up .venv (and apt packages) on first use.
 PY := .venv/bin/python
 
-.PHONY: setup demo test table bench clean
+.PHONY: setup demo test table ssp-table semi-table inspect bench clean
 
 setup:
 	bash tools/setup_env.sh
@@ -12,12 +12,31 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-# Fashion-MNIST-LT table of the README (CE, CB-CE, Focal, LDAM-DRW, CE-DRW, CE-DRS; ~15 min)
+# The README's tables (2 CPU cores; each run resumable, re-running skips finished ones).
+# Supervised baselines: CE, CB-CE, Focal, LDAM-DRW, CE-DRW, CE-DRS, 2 seeds.
 table: setup
-	$(PY) tools/run_table.py --out runs/table
+	$(PY) tools/run_table.py --out runs/table --jobs 2
+
+# Self-supervised pre-training: CE / cRT / LDAM-DRW without SSP, after MoCo, after Rotation.
+ssp-table: setup
+	$(PY) tools/run_table.py --out runs/ssp_table --jobs 2 --seeds 0 1 --configs \
+	  configs/fmnist_lt_baselines.yaml configs/fmnist_lt_moco_crt.yaml \
+	  configs/fmnist_lt_rotation_ldam_drw.yaml
+
+# Semi-supervised: the paper's Table 1 and Figure 2 on Fashion-MNIST-LT.
+semi-table: setup
+	$(PY) tools/run_semi_table.py --out runs/semi_table --jobs 2 --seeds 0
+
+# Representation of CE without and with MoCo pre-training (needs `make ssp-table`).
+A ?= runs/ssp_table/fmnist_lt_baselines_s0/ce
+B ?= runs/ssp_table/fmnist_lt_moco_crt_s0/ce
+inspect: setup
+	$(PY) tools/inspect_pair.py $(A) $(B) --names CE "CE + MoCo" --out docs/inspect
 
 bench: setup
 	$(PY) tools/bench_train.py
+	$(PY) tools/bench_loaders.py
+	$(PY) tools/bench_features.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -72,3 +72,23 @@ def test_compare_two_run_folders(tmp_path, small_test_list, capsys):
     assert "CE: 200 of 403 train + 150 of 300 test" in text and "CE + SSP: 200 of 403" in text
     assert open(out, "rb").read(4) == b"\x89PNG"
     assert tsne.main(["compare", a, str(tmp_path / "nope"), "--out", out]) == 2
+
+
+@needs_fmnist
+def test_inspect_pair_reports_knn_leakage_and_tsne(tmp_path, small_test_list):
+    from tests.test_feature_bank import make_run
+    from tools import inspect_pair
+    from trainer import feature_bank as fb
+
+    a = make_run(tmp_path / "ce", small_test_list, seed=0, model="mlp")
+    b = make_run(tmp_path / "ssp", small_test_list, seed=1, model="mlp")
+    out = str(tmp_path / "report" / "pair")
+    assert inspect_pair.main([a, b, "--names", "CE", "CE + SSP", "--out", out,
+                              "--max-points", "150", "--tsne", *FAST]) == 0
+    text = open(out + ".md").read()
+    knn = fb.knn_evaluate(fb.run_bank(b, "test"), fb.run_bank(b, "train"), k=20)
+    assert f"| CE + SSP | {knn['top1']:.2f} | {knn['balanced_top1']:.2f} |" in text
+    leak = fb.leakage_report(fb.run_bank(a, "test"), fb.run_bank(a, "train"), k=10)
+    first_tail = next(iter(leak["per_class"].values()))
+    assert f"| CE | {100 * first_tail['leaked_share']:.1f} / " in text
+    assert open(out + "_tsne.png", "rb").read(4) == b"\x89PNG"
