@@ -35,3 +35,22 @@ def test_a_failed_run_is_named_and_the_others_finish(tiny, tmp_path, capsys):
     assert code == 1
     assert "failed: bad_s0" in capsys.readouterr().err
     assert (out / "fmnist_lt_ce_s0" / "results.json").is_file()
+
+
+def test_semi_table_runs_its_cells_and_writes_table_and_curve(tiny, tmp_path):
+    from tools import run_semi_table
+
+    out = tmp_path / "semi"
+    over = [o for o in tiny if not o.startswith(("run.out_dir=", "sched."))]
+    code = run_semi_table.main([*over, "model.name=mlp", "sched.epochs=1",
+                                "sched.warmup_epochs=0", "sched.milestones=[]",
+                                "--out", str(out), "--jobs", "2", "--rho-u", "1", "rho",
+                                "--relevance", "0.5"])
+    assert code == 0
+    table = (out / "semi_table.md").read_text()
+    assert "| CE + D_U@4x |" in table and "| LDAM-DRW + D_U@4x |" in table
+    assert "rho_U = 10 (rho)" in table and "| CE + D_U | " in table
+    assert (out / "relevance.png").read_bytes()[:4] == b"\x89PNG"
+    # the labels stage of a method trained once and was shared by its two cells
+    assert len(list(out.glob("ce_labels_s0/*/labels/results.json"))) == 1
+    assert len(list(out.glob("ce_rho_u*_s0/*/both/results.json"))) == 2

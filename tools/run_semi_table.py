@@ -160,15 +160,15 @@ def main(argv=None) -> int:
     runs = [(f"{kind} {key}", config, over) for kind, key, config, over in jobs]
     # Cells of one method share its 'labels' stage: the first cell of each group trains it,
     # then (in parallel with --jobs) the other cells, which find it finished.
-    first, seen = [], set()
+    openers, seen = [], set()
     for run in runs:
         group = next(o for o in run[2] if o.startswith("labels.run.out_dir="))
         if group not in seen:
             seen.add(group)
-            first.append(run)
-    rest = [r for r in runs if r not in first]
+            openers.append(run)
+    rest = [r for r in runs if r not in openers]
     log_dir = os.path.join(args.out, "logs")
-    failed = launch_all(first, args.jobs, log_dir) + launch_all(rest, args.jobs, log_dir)
+    failed = launch_all(openers, args.jobs, log_dir) + launch_all(rest, args.jobs, log_dir)
     print(f"== all runs done in {time.time() - t0:.0f}s")
 
     named, rel, pseudo_acc = {}, {}, {}   # keyed by (name, seed): a shared stage counts once
