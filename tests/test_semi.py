@@ -292,6 +292,31 @@ def test_self_training_killed_runs_resume_to_identical_weights(tiny, tmp_path):
     assert losses("ref") == losses("killed")
 
 
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_self_training_runs_with_the_accelerated_loaders(backend, tiny, tmp_path):
+    """The pool's batches come through the same loader interface as the labeled ones, with
+    its pseudo-labels (not the hidden true labels) as targets."""
+    from data_pipelines.loaders import backend_status
+    from trainer.engine import train
+    if not backend_status(backend)[0]:
+        pytest.skip(f"{backend} is not installed")
+    over = [*tiny, *SMALL_POOL, "method.name=self_training", "engine.max_steps=3",
+            "engine.log_every=1",
+            f"semi.pseudo_labels={tmp_path / 'pl.npz'}", f"data.loader={backend}",
+            f"data.beton_dir={tmp_path / 'betons'}", "run.name=run"]
+    cfg = load_config(CE, over)
+    pl = fake_pseudo_labels(cfg, tmp_path / "pl.npz")
+    method, data = method_for(cfg)
+    _, u_labels = method.next_unlabeled()
+    first = np.nonzero(pl.selected)[0]
+    assert u_labels.dtype == torch.int64 and len(u_labels) == 16
+    assert set(u_labels.tolist()) <= set(pl.labels[first].tolist())
+    train(cfg)
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "loss_u" in r][-1] == 3
+    assert all(np.isfinite(r["loss_u"]) for r in logs if "loss_u" in r)
+
+
 def test_three_stage_pipeline_labels_pseudo_labels_both(tiny, tmp_path):
     over = [o for o in tiny if not o.startswith("sched.")] + SMALL_POOL + [
         "labels.sched.epochs=1", "both.sched.epochs=1", "sched.warmup_epochs=0",
