@@ -34,8 +34,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data_pipelines.sources import DataError  # noqa: E402
-from launchers.train import prepare  # noqa: E402
+from launchers.train import USER_ERRORS, prepare, report_user_error  # noqa: E402
 from trainer.config import ConfigError, resolve  # noqa: E402
 from trainer.pipeline import describe_plan  # noqa: E402
 
@@ -465,15 +464,8 @@ def main(argv=None) -> int:
         if not args.local:
             check_cluster(s)
         check_world(plan, s)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
-    except SubmitError as e:
-        print(f"cluster error: {e}", file=sys.stderr)
-        return 2
+    except (*USER_ERRORS, SubmitError) as e:
+        return report_user_error(e, {**USER_ERRORS, SubmitError: "cluster error"})
     where = "this machine (--local)" if args.local else f"partition '{s['partition']}'"
     print(describe_plan(plan))
     print(f"{s['nodes']} node(s) x {s['tasks_per_node']} task(s) ({s['world_size']} ranks, "

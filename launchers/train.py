@@ -83,24 +83,29 @@ def prepare(config: str, overrides: list[str], dry_run: bool = False):
     return plan
 
 
+# Bad input a user can fix: printed as one line naming its kind, exit status 2, no traceback.
+USER_ERRORS = {ConfigError: "config error", DataError: "data error"}
+
+
+def report_user_error(exc: Exception, kinds: dict = USER_ERRORS) -> int:
+    kind = next(label for cls, label in kinds.items() if isinstance(exc, cls))
+    print(f"{kind}: {exc}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         plan = prepare(args.config, args.overrides, args.dry_run)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
+    except tuple(USER_ERRORS) as e:
+        return report_user_error(e)
     if args.dry_run:
         print("dry run: config and data paths are valid")
         return 0
     try:
         results = launch(plan, args.nproc)
     except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
+        return report_user_error(e)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, let rank 0 speak
         return 0
     for name, r in results.items():

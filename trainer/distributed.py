@@ -58,6 +58,15 @@ def pick_device(choice: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def batch_to_device(batch, device: torch.device, memory_format=torch.contiguous_format):
+    """(images, labels) on the training device, 4-d images in the model's memory format."""
+    images, labels = batch
+    images = images.to(device, non_blocking=True)
+    if images.dim() == 4:
+        images = images.contiguous(memory_format=memory_format)
+    return images, labels.to(device, non_blocking=True)
+
+
 def setup(device_choice: str = "auto", backend: str = "auto") -> DistInfo:
     """Join the process group described by the environment (or run alone)."""
     rank, world, local_rank, local_world = env_ranks()

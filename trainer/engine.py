@@ -163,11 +163,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _to_device(self, batch):
-        images, labels = batch
-        images = images.to(self.device, non_blocking=True)
-        if images.dim() == 4:
-            images = images.contiguous(memory_format=self.memory_format)
-        return images, labels.to(self.device, non_blocking=True)
+        return dist_utils.batch_to_device(batch, self.device, self.memory_format)
 
     def _set_lr(self, step: int, steps: int):
         f = lr_factor(self.cfg.sched, self.cfg.optim.lr, self.epoch, step, steps)
@@ -242,10 +238,10 @@ class Trainer:
         return finished
 
     def fit(self) -> dict:
-        if os.path.exists(self.results_path):
+        done = finished_results(self.run_dir)
+        if done is not None:
             self.log.info(f"{self.results_path} exists: this run is complete")
-            with open(self.results_path) as f:
-                return json.load(f)
+            return done
         cfg = self.cfg
         self.log.info(f"training {cfg.method.name} / {cfg.model.name} on {cfg.data.source} "
                       f"({len(self.data.train)} images, {self.data.num_classes} classes, "
@@ -332,18 +328,27 @@ class Trainer:
         return results
 
 
+def finished_results(run_dir: str) -> dict | None:
+    """The results.json of a finished run (its presence marks the run complete), else None."""
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def train(cfg: Config, run_dir: str | None = None) -> dict:
     """Run one config to the end (or resume it) in this process; returns results.json.
     The process group stays up, so that a pipeline can run its next stage in it.
     A finished run (results.json present) returns at once, without building data or model:
     a requeued pipeline skips its done stages in seconds."""
     run_dir = run_dir or os.path.join(cfg.run.out_dir, cfg.run.name)
-    done = os.path.join(run_dir, "results.json")
-    if os.path.exists(done):
+    done = finished_results(run_dir)
+    if done is not None:
         if dist_utils.env_ranks()[0] == 0:
-            print(f"{done} exists: this run is complete", flush=True)
-        with open(done) as f:
-            return json.load(f)
+            print(f"{os.path.join(run_dir, 'results.json')} exists: this run is complete",
+                  flush=True)
+        return done
     trainer = Trainer(cfg, run_dir)
     try:
         return trainer.fit()

@@ -22,6 +22,7 @@ from data_pipelines.sources import SubsetSource
 from data_pipelines.unlabeled_pool import build_pool
 
 from .. import pseudo_labels
+from ..distributed import batch_to_device
 from ..config import unlabeled_batch
 from .base import SamplerChoice
 from .supervised_base import SupervisedBase
@@ -91,10 +92,7 @@ class SemiSupervised(SupervisedBase):
             except StopIteration:
                 self.u_epoch, self.u_batch, self._u_iter = self.u_epoch + 1, 0, None
         self.u_batch += 1
-        images = images.to(self.device, non_blocking=True)
-        if images.dim() == 4:
-            images = images.contiguous(memory_format=self.memory_format)
-        return images, labels.to(self.device, non_blocking=True)
+        return batch_to_device((images, labels), self.device, self.memory_format)
 
     def unlabeled_weight(self) -> float:
         """omega, ramped up as exp(-5 (1 - t/T)^2) over the first semi.rampup_epochs epochs."""
