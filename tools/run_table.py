@@ -7,9 +7,8 @@ The default is the README's Fashion-MNIST-LT table: CE, CB-CE, Focal, CE-DRW, CE
 LDAM-DRW at rho = 100. Each run is a separate process (a failure stops nothing else) and each is
 resumable: re-running the command skips finished runs and continues unfinished ones.
 `--jobs N` runs N at a time with cores/N torch threads each; each run's output then goes to
-OUT/logs/NAME.log. On 2 cores, two 1-thread ResNet-8 runs together train ~1.4x the images/s of
-one 2-thread run (1,230 against 872 img/s, quiet machine), and a 2-thread run slows down
-sharply whenever anything else uses a core.
+OUT/logs/NAME.log. Small models scale badly across threads: on 2 cores, two 1-thread ResNet-8
+processes together train 1.59x the images/s of one 2-thread process (`tools/bench_threads.py`).
 """
 from __future__ import annotations
 
