@@ -92,3 +92,4 @@ def test_inspect_pair_reports_knn_leakage_and_tsne(tmp_path, small_test_list):
     first_tail = next(iter(leak["per_class"].values()))
     assert f"| CE | {100 * first_tail['leaked_share']:.1f} / " in text
     assert open(out + "_tsne.png", "rb").read(4) == b"\x89PNG"
+    assert inspect_pair.main([a, str(tmp_path / "nope"), "--out", out]) == 2

@@ -72,13 +72,19 @@ def main(argv=None) -> int:
                    help="further tools/tsne.py options, e.g. --tsne --iters 500 --perplexity 20")
     args = p.parse_args(argv)
     runs = [args.run_a, args.run_b]
-    results = [measure(r, args.k_knn, args.k_leak) for r in runs]
+    try:
+        results = [measure(r, args.k_knn, args.k_leak) for r in runs]
+    except tsne.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     text = markdown(args.names, runs, results, args.k_knn, args.k_leak)
     png = args.out + "_tsne.png"
-    tsne.main(["compare", *runs, "--names", *args.names, "--out", png,
-               "--max-train", str(args.max_points), "--max-test", str(args.max_points),
-               *args.tsne])
+    code = tsne.main(["compare", *runs, "--names", *args.names, "--out", png,
+                      "--max-train", str(args.max_points), "--max-test", str(args.max_points),
+                      *args.tsne])
+    if code:
+        return code
     text += f"\n\n![t-SNE]({os.path.basename(png)})\n"
     with open(args.out + ".md", "w") as f:
         f.write(text)

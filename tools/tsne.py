@@ -230,11 +230,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# Errors a user can fix (a missing run or bank, a missing package, bad data or config): one line.
+USER_ERRORS = (fb.BankError, ImportError, DataError, ConfigError)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         args.fn(args)
-    except (fb.BankError, ImportError, DataError, ConfigError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
