@@ -294,9 +294,13 @@ def _make(cfg, dataset, sampler, batch_size, seed, in_channels, train, backend):
 def _torchvision_loader(cfg, dataset, sampler, batch_size, seed, policy):
     from .torchvision_loader import build_torchvision_loader
 
+    # Pinned batches make the engine's non_blocking copies asynchronous (from pageable memory
+    # they are synchronous); the pinning runs in the DataLoader's own thread.
+    pin = torch.cuda.is_available()
     if policy == "fail":
-        return build_torchvision_loader(dataset, sampler, batch_size, cfg["workers"], seed)
-    return SkippingLoader(dataset, sampler, batch_size, cfg["workers"], seed)
+        return build_torchvision_loader(dataset, sampler, batch_size, cfg["workers"], seed,
+                                        pin_memory=pin)
+    return SkippingLoader(dataset, sampler, batch_size, cfg["workers"], seed, pin_memory=pin)
 
 
 class _SkipBadDataset(torch.utils.data.Dataset):
@@ -331,7 +335,7 @@ class SkippingLoader:
     rank); it only gets smaller. Each skip is logged with its path.
     """
 
-    def __init__(self, dataset, sampler, batch_size, workers, seed):
+    def __init__(self, dataset, sampler, batch_size, workers, seed, pin_memory=False):
         from torch.utils.data import DataLoader
 
         from .torchvision_loader import WorkerSeeder
@@ -341,7 +345,8 @@ class SkippingLoader:
         self.loader = DataLoader(_SkipBadDataset(dataset), batch_size=batch_size,
                                  sampler=sampler, num_workers=workers,
                                  collate_fn=_collate_skipping, worker_init_fn=WorkerSeeder(seed),
-                                 generator=g, persistent_workers=workers > 0)
+                                 generator=g, persistent_workers=workers > 0,
+                                 pin_memory=pin_memory)
         self.skipped = 0
 
     def __len__(self):

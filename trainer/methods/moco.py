@@ -14,15 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed as dist_utils
-from ..models import Classifier, ProjectionHead, convert_split_bn, create_backbone
+from ..models import Classifier, ProjectionHead, convert_split_bn, create_backbone, matmul_fp32
 from . import register
 from .ssl_base import SelfSupervised
 
 
 def info_nce_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float):
-    """Logits [B, 1 + K]: column 0 the positive pair, then the queue; targets are all 0."""
-    l_pos = (q * k).sum(dim=1, keepdim=True)
-    l_neg = q @ queue
+    """Logits [B, 1 + K]: column 0 the positive pair, then the queue; targets are all 0.
+    All in float32 (also under autocast), so positives and negatives are rounded alike."""
+    l_pos = (q.float() * k.float()).sum(dim=1, keepdim=True)
+    l_neg = matmul_fp32(q, queue)
     return torch.cat([l_pos, l_neg], dim=1) / t
 
 

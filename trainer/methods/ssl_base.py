@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models import matmul_fp32
 from .base import Method
 
 
 def knn_scores(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
                num_classes: int, k: int, t: float) -> torch.Tensor:
     """Class scores of L2-normalized queries from their k most similar bank entries."""
-    sims = query @ bank.T
+    sims = matmul_fp32(query, bank.T)   # float32 under autocast: bf16 ties reorder the top-k
     top, idx = sims.topk(min(k, bank.shape[0]), dim=1)
     weights = (top / t).exp()
     scores = torch.zeros(query.shape[0], num_classes, device=query.device)

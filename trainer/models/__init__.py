@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .heads import (Classifier, CosineHead, LinearHead, ProjectionHead,
-                    export_torchvision_state_dict)
+                    export_torchvision_state_dict, matmul_fp32)
 from .split_bn import SplitBatchNorm2d, convert_split_bn
 from .resnet import torchvision_resnet
 from .resnet_cifar import CifarResNet, resnet_cifar
@@ -115,4 +115,5 @@ __all__ = [
     "create_backbone",
     "create_model",
     "export_torchvision_state_dict",
+    "matmul_fp32",
 ]

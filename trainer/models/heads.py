@@ -12,6 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in float32 even inside an autocast region, which would run it in bf16/fp16: for
+    similarities that are compared (ranked, or contrasted with float32 ones), not learned."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a.float() @ b.float()
+
+
 class LinearHead(nn.Module):
     """Ordinary linear classifier (weight and bias), stored as `fc` like torchvision."""
 
@@ -47,7 +54,11 @@ class CosineHead(nn.Module):
             self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))
+        # float32 under autocast too: LDAM scales these cosines by s = 30, so bf16 rounding
+        # (~0.002) would move a logit by ~0.06.
+        with torch.autocast(features.device.type, enabled=False):
+            return F.linear(F.normalize(features.float(), dim=1),
+                            F.normalize(self.weight.float(), dim=1))
 
 
 class Classifier(nn.Module):

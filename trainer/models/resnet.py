@@ -12,6 +12,8 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from .pooling import GlobalAvgPool
+
 # name -> (block type, blocks per stage). resnet10 is the small variant used by
 # classifier-balancing for quick ImageNet-LT experiments.
 _ARCHS = {
@@ -51,6 +53,7 @@ def torchvision_resnet(
     if small_input or in_channels != 3:
         # Same initialisation torchvision gives its own conv1.
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.avgpool = GlobalAvgPool()   # AdaptiveAvgPool2d's CUDA backward is nondeterministic
     net.out_dim = net.fc.in_features
     net.fc = nn.Identity()
     return net

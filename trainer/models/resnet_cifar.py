@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .pooling import GlobalAvgPool
+
 
 class ZeroPadShortcut(nn.Module):
     """Option-A shortcut: subsample by `stride` and zero-pad the new channels.
@@ -62,7 +64,7 @@ class CifarResNet(nn.Module):
     """CIFAR ResNet backbone: image -> pooled features of size `out_dim` (64).
 
     Works for any input size (28x28 Fashion-MNIST, 32x32 CIFAR/SVHN) because pooling is
-    adaptive, and for any number of input channels.
+    global, and for any number of input channels.
     """
 
     def __init__(self, depth: int, in_channels: int = 3):
@@ -76,7 +78,7 @@ class CifarResNet(nn.Module):
         self.layer1 = self._make_stage(16, 16, blocks_per_stage, stride=1)
         self.layer2 = self._make_stage(16, 32, blocks_per_stage, stride=2)
         self.layer3 = self._make_stage(32, 64, blocks_per_stage, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()  # deterministic on CUDA, unlike AdaptiveAvgPool2d
         self.out_dim = 64
         self._init_weights()
 
