@@ -17,10 +17,11 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from .list_format import LIST_FORMAT, parse_list
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff",
                     ".webp", ".gif")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-LIST_FORMAT = "'relative/path label' (label a non-negative integer, 0-based)"
 INDEX_LIST_FORMAT = "'index label' (both non-negative integers)"
 
 
@@ -279,24 +280,14 @@ def read_list_file(list_path: str, root: Optional[str] = None,
     """
     if root is None:
         root = os.path.dirname(os.path.abspath(list_path))
-    paths, labels, origin = [], [], []
-    for lineno, raw in enumerate(_read_text_lines(list_path), start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        where = f"{list_path}:{lineno}"
-        parts = line.rsplit(None, 1)
-        if len(parts) != 2:
-            raise DataError(f"{where}: malformed line {raw!r}; expected {LIST_FORMAT}")
-        label = _parse_label(parts[1], where, LIST_FORMAT)
-        if num_classes is not None and label >= num_classes:
-            raise DataError(f"{where}: label {label} out of range; expected 0 <= label < "
-                            f"{num_classes}")
-        paths.append(parts[0])
-        labels.append(label)
-        origin.append(where)
-    if not paths:
-        raise DataError(f"{list_path}: no entries; expected one {LIST_FORMAT} per line")
+    parsed = parse_list(list_path)
+    if parsed.problems:
+        raise DataError(parsed.problems[0])
+    paths, labels, origin = parsed.paths, parsed.labels, parsed.origins
+    if num_classes is not None and labels.size and labels.max() >= num_classes:
+        i = int(np.argmax(labels >= num_classes))
+        raise DataError(f"{origin[i]}: label {int(labels[i])} out of range; expected "
+                        f"0 <= label < {num_classes}")
     if check_files:
         missing = [(origin[i], os.path.join(root, p)) for i, p in enumerate(paths)
                    if not os.path.isfile(os.path.join(root, p))]
@@ -306,7 +297,7 @@ def read_list_file(list_path: str, root: Optional[str] = None,
             raise DataError(f"{list_path}: {len(missing)} listed image(s) missing under root "
                             f"{root!r}: {shown}{more}")
     name = name or os.path.splitext(os.path.basename(list_path))[0]
-    return FileSource(root, paths, np.asarray(labels, dtype=np.int64), num_classes, name, origin)
+    return FileSource(root, paths, labels, num_classes, name, origin)
 
 
 def read_index_list(list_path: str, source) -> SubsetSource:
