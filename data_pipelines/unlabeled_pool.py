@@ -337,6 +337,7 @@ def read_pool(path: str, d) -> Pool:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(summary, dict) or summary.get("format") != POOL_FORMAT:
         raise DataError(f"{path}: not an unlabeled-pool summary (format != {POOL_FORMAT!r})")
+    _check_summary(path, summary)
     if summary["labeled"].get("classes") != d.get("classes"):
         raise DataError(f"{path}: made for data.classes = {summary['labeled'].get('classes')}, "
                         f"but this config has {d.get('classes')}")
@@ -365,6 +366,30 @@ def read_pool(path: str, d) -> Pool:
         parts.append(PoolPart(entry["name"], spec, base, idx, task))
     return Pool(parts, num_classes, {**summary["request"], "pool_file": _abspath(path)},
                 summary["labeled"])
+
+
+def _check_summary(path: str, summary: dict):
+    """Every key read_pool reads, with its type, so that a hand-edited or foreign pool.json
+    fails in one line naming it rather than as a KeyError."""
+    want = [f"'{k}' (an object)" for k in ("labeled", "request")
+            if not isinstance(summary.get(k), dict)]
+    parts = summary.get("parts")
+    if not isinstance(parts, list) or not parts:
+        want.append("'parts' (a non-empty list)")
+    for i, e in enumerate(parts if isinstance(parts, list) else []):
+        if not isinstance(e, dict):
+            want.append(f"parts[{i}] (an object)")
+            continue
+        want += [f"parts[{i}].{k} (a string)" for k in ("name", "file", "source")
+                 if not isinstance(e.get(k), str)]
+        want += [f"parts[{i}].{k} (a string or null)" for k in ("root", "split", "list")
+                 if k not in e or not isinstance(e[k], (str, type(None)))]
+        if e.get("format", "index_label") not in ("index_label", "path_label"):
+            want.append(f"parts[{i}].format ('index_label' or 'path_label')")
+    if want:
+        raise DataError(f"{path}: malformed pool summary (write it with "
+                        f"tools/make_unlabeled_pool.py); expected {', '.join(want[:4])}"
+                        f"{' ...' if len(want) > 4 else ''}")
 
 
 def check_pool_paths(s) -> list[str]:

@@ -22,6 +22,8 @@ from data_pipelines.unlabeled_pool import check_pool_paths  # noqa: E402
 from trainer import distributed as dist_utils  # noqa: E402
 from trainer.config import POOL_METHODS, ConfigError  # noqa: E402
 from trainer.pipeline import describe_plan, load_plan, run_plan  # noqa: E402
+from trainer.pseudo_labels import check_path as check_pseudo_labels  # noqa: E402
+from trainer.transfer import check_init  # noqa: E402
 
 
 def _worker(local_rank: int, world: int, port: int, plan, result_path: str | None):
@@ -72,15 +74,30 @@ def parse_args(argv=None):
 def prepare(config: str, overrides: list[str], dry_run: bool = False):
     """Load and check everything a run needs; raises ConfigError / DataError with the key."""
     plan = load_plan(config, overrides)
-    for stage in plan:
+    for i, stage in enumerate(plan):
         problems = check_data_paths(stage.cfg.data)
         if stage.cfg.method.name in POOL_METHODS:
             problems += check_pool_paths(stage.cfg.semi)
+        problems += check_input_files(stage.cfg, [s.run_dir for s in plan[:i]])
         if problems:
             raise DataError(f"stage '{stage.name}': " + "; ".join(problems))
     if dry_run:
         print(describe_plan(plan))
     return plan
+
+
+def check_input_files(cfg, earlier_dirs) -> list[str]:
+    """Weights (model.init) and pseudo-labels (semi.pseudo_labels) that must exist before the
+    run: read and checked now. Those an earlier stage of the plan writes ('@stage') are checked
+    when the stage that reads them starts."""
+    earlier = {os.path.abspath(d) for d in earlier_dirs}
+    problems = []
+    for value, check in ((cfg.model.init, check_init),
+                         ((cfg.get("semi") or {}).get("pseudo_labels"), check_pseudo_labels)):
+        path = os.path.abspath(value or "")
+        if value and not {path, os.path.dirname(path)} & earlier:
+            problems += check(value)
+    return problems
 
 
 # Bad input a user can fix: printed as one line naming its kind, exit status 2, no traceback.

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torchvision
 
+from data_pipelines.sources import DataError
 from tests.conftest import ROOT, needs_fmnist
 from trainer.config import ConfigError, load_config
 from trainer.models import create_model
@@ -39,7 +40,7 @@ def test_mismatched_architecture_lists_keys(tmp_path):
     msg = str(e.value)
     assert "missing keys: " in msg and "unexpected keys: " in msg or "shape mismatches" in msg
     assert "r18.pth" in msg
-    with pytest.raises(FileNotFoundError, match="no such file or run folder"):
+    with pytest.raises(DataError, match="no such file or run folder"):
         load_pretrained(create_model("resnet8", 10), str(tmp_path / "nothing"))
 
 

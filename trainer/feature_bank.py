@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .checkpoint import atomic_write
+from .transfer import final_weights, read_weights
+from .validation import finite_floats, first_sentence, int_labels
 
 FORMAT = "ltt-feature-bank"
 VERSION = 1
@@ -153,6 +155,13 @@ def load_bank(path: str, mmap: bool = True) -> Bank:
     missing = [k for k in REQUIRED_KEYS if k not in header]
     if missing:
         raise BankError(f"{hpath}: header lacks {', '.join(missing)}")
+    least = {"version": 1, "count": 0, "dim": 1, "num_classes": 1}
+    wrong = [f"{k} = {header[k]!r}" for k, low in least.items()
+             if type(header[k]) is not int or header[k] < low]
+    if wrong or header["dtype"] not in DTYPES:
+        raise BankError(f"{hpath}: expected positive integers for version, dim and num_classes, "
+                        f"a count >= 0 and a dtype in {DTYPES}; got "
+                        f"{', '.join(wrong or [repr(header['dtype'])])}")
     if header["version"] > VERSION:
         raise BankError(f"{hpath}: bank format version {header['version']} is newer than this "
                         f"code's ({VERSION})")
@@ -168,8 +177,9 @@ def _load_array(path: str, name: str, mmap: bool) -> np.ndarray:
     try:
         return np.load(file, mmap_mode="r" if mmap and name == "features" else None,
                        allow_pickle=False)
-    except ValueError as e:
-        raise BankError(f"{file}: cannot be read as a plain .npy array ({e})") from None
+    except (ValueError, OSError, EOFError) as e:  # pickled objects, a truncated or empty file
+        raise BankError(f"{file}: cannot be read as a plain .npy array "
+                        f"({first_sentence(e)})") from None
 
 
 def _check_shapes(path: str, header: dict, arrays: dict):
@@ -183,9 +193,9 @@ def _check_shapes(path: str, header: dict, arrays: dict):
     if arrays["features"].dtype.name != header["dtype"]:
         raise BankError(f"{path}/features.npy: dtype {arrays['features'].dtype} but the header "
                         f"says {header['dtype']}")
-    labels = arrays["labels"]
-    if n and (labels.min() < 0 or labels.max() >= header["num_classes"]):
-        raise BankError(f"{path}/labels.npy: labels must lie in [0, {header['num_classes']})")
+    arrays["labels"] = int_labels(arrays["labels"], header["num_classes"],
+                                  os.path.join(path, "labels.npy"), error=BankError)
+    finite_floats(arrays["features"], os.path.join(path, "features.npy"), error=BankError)
 
 
 def check_compatible(query: Bank, ref: Bank):
@@ -217,18 +227,9 @@ def file_sha256(path: str) -> str:
 
 def load_model_state(path: str) -> dict:
     """A model state_dict from model_final.pt, a trainer checkpoint ({"model": ...}) or a
-    DDP/compiled model's dict; loaded with weights_only=True, never unpickled."""
-    from .checkpoint import safe_load
-
-    if not os.path.isfile(path):
-        raise BankError(f"{path}: checkpoint not found")
-    state = safe_load(path)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise BankError(f"{path}: expected a state_dict (or a checkpoint holding 'model')")
+    DDP/compiled model's dict; checked as every weight import is (transfer.read_weights)."""
     out = {}
-    for k, v in state.items():
+    for k, v in read_weights(path).items():
         for prefix in ("module.", "_orig_mod."):
             k = k[len(prefix):] if k.startswith(prefix) else k
         out[k] = v
@@ -236,11 +237,8 @@ def load_model_state(path: str) -> dict:
 
 
 def default_checkpoint(run_dir: str) -> str:
-    for name in ("model_final.pt", "checkpoint_last.pt"):
-        if os.path.isfile(os.path.join(run_dir, name)):
-            return os.path.join(run_dir, name)
-    raise BankError(f"{run_dir}: neither model_final.pt nor checkpoint_last.pt; pass "
-                    f"--checkpoint or finish the run")
+    """The run's model_final.pt; an unfinished run only through --checkpoint."""
+    return final_weights(run_dir, "--checkpoint=")
 
 
 def run_config(run_dir: str, overrides=()):

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from data_pipelines.sources import DataError
+
 from .checkpoint import atomic_write
+from .validation import describe, finite_floats, first_sentence, int_labels
 
 FILE = "pseudo_labels.npz"
 FORMAT = "ltt-pseudo-labels"
@@ -131,44 +136,95 @@ def save(path: str, pl: PseudoLabels):
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
+# meta keys a reader needs and their types (bool is refused where an int is expected)
+META = {"format": str, "version": int, "num_classes": int, "count": int, "pool_fingerprint": str}
+
+
 def load(path: str) -> PseudoLabels:
-    """Read a pseudo-label file; every problem names the file."""
+    """Read a pseudo-label file and check everything a trainer relies on, so that a bad file
+    stops the run at start-up in one line naming it, not as an IndexError mid-training: labels
+    1-D integers in [0, num_classes), confidences (and probabilities) finite and in [0, 1],
+    one row per image in every array, a complete meta."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: pseudo-label file not found (written by a "
-                                f"pseudo_label stage or tools/pseudo_label.py)")
+        raise DataError(f"{path}: pseudo-label file not found (written by a pseudo_label "
+                        f"stage or tools/pseudo_label.py)")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: cannot be read as a pseudo-label .npz ({e})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{path}: cannot be read as a pseudo-label .npz "
+                        f"({first_sentence(e)})") from None
     missing = [k for k in ("labels", "confidence", "selected", "meta") if k not in arrays]
     if missing:
-        raise ValueError(f"{path}: not a pseudo-label file (lacks {', '.join(missing)})")
-    meta = json.loads(str(arrays["meta"]))
-    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
-        raise ValueError(f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not "
-                         f"{FORMAT!r} v<={VERSION}")
-    n = len(arrays["labels"])
-    for k in ("confidence", "selected", "hidden_labels", "probs"):
-        if k in arrays and len(arrays[k]) != n:
-            raise ValueError(f"{path}: {k} has {len(arrays[k])} rows but labels has {n}")
-    return PseudoLabels(arrays["labels"].astype(np.int64), arrays["confidence"],
-                        arrays["selected"].astype(bool), arrays.get("hidden_labels"),
+        raise DataError(f"{path}: not a pseudo-label file (lacks {', '.join(missing)})")
+    meta = _read_meta(path, arrays["meta"])
+    c_num, n = meta["num_classes"], meta["count"]
+    labels = int_labels(arrays["labels"], c_num, f"{path}: labels")
+    want = {"labels": (n,), "confidence": (n,), "selected": (n,), "hidden_labels": (n,),
+            "probs": (n, c_num)}
+    for k, shape in want.items():
+        if k in arrays and arrays[k].shape != shape:
+            raise DataError(f"{path}: {k} has shape {arrays[k].shape}, expected {shape} "
+                            f"(meta: count {n}, num_classes {c_num})")
+    finite_floats(arrays["confidence"], f"{path}: confidence", 0.0, 1.0)
+    if "probs" in arrays:
+        finite_floats(arrays["probs"], f"{path}: probs", 0.0, 1.0)
+    if arrays["selected"].dtype != bool:
+        raise DataError(f"{path}: selected must be a boolean array, got dtype "
+                        f"{arrays['selected'].dtype}")
+    hidden = arrays.get("hidden_labels")
+    if hidden is not None:
+        hidden = int_labels(hidden, c_num, f"{path}: hidden_labels", low=-1)
+    return PseudoLabels(labels, arrays["confidence"], arrays["selected"], hidden,
                         arrays.get("probs"), meta)
+
+
+def _read_meta(path: str, raw: np.ndarray) -> dict:
+    """The JSON meta of a pseudo-label file, every key of META present with its type."""
+    try:
+        if raw.ndim or raw.dtype.kind not in "US":
+            raise ValueError(f"a {raw.dtype} array of shape {raw.shape}, not a JSON string")
+        meta = json.loads(str(raw))
+    except ValueError as e:   # JSONDecodeError included
+        raise DataError(f"{path}: meta is not valid JSON ({first_sentence(e)})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: meta must be a JSON object, got {describe(meta)}")
+    if meta.get("format") != FORMAT or not isinstance(meta.get("version"), int) \
+            or meta["version"] > VERSION:
+        raise DataError(f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not "
+                        f"{FORMAT!r} v<={VERSION}")
+    wrong = [f"{k} ({t.__name__})" for k, t in META.items()
+             if type(meta.get(k)) is not t]
+    if wrong:
+        raise DataError(f"{path}: meta lacks or mistypes {', '.join(wrong)}")
+    if meta["num_classes"] < 1 or meta["count"] < 0:
+        raise DataError(f"{path}: meta num_classes = {meta['num_classes']} must be >= 1 and "
+                        f"count = {meta['count']} >= 0")
+    return meta
 
 
 def check_pool(pl: PseudoLabels, path: str, fingerprint: str, count: int, num_classes: int):
     """Refuse labels made for another pool or task."""
-    if pl.meta.get("pool_fingerprint") != fingerprint or len(pl) != count:
-        theirs = str(pl.meta.get("pool_fingerprint"))[:12]
-        raise ValueError(f"semi.pseudo_labels = {path!r} labels another unlabeled pool "
-                         f"({len(pl)} images, fingerprint {theirs}) "
-                         f"than this config's semi section builds ({count} images, "
-                         f"fingerprint {fingerprint[:12]}); use the semi.* keys of the stage "
-                         f"that made them")
+    if pl.meta["pool_fingerprint"] != fingerprint or len(pl) != count:
+        theirs = pl.meta["pool_fingerprint"][:12]
+        raise DataError(f"semi.pseudo_labels = {path!r} labels another unlabeled pool "
+                        f"({len(pl)} images, fingerprint {theirs}) "
+                        f"than this config's semi section builds ({count} images, "
+                        f"fingerprint {fingerprint[:12]}); use the semi.* keys of the stage "
+                        f"that made them")
     if pl.num_classes != num_classes:
-        raise ValueError(f"semi.pseudo_labels = {path!r} has {pl.num_classes} classes, the task "
-                         f"{num_classes}")
+        raise DataError(f"semi.pseudo_labels = {path!r} has {pl.num_classes} classes, the task "
+                        f"{num_classes}")
+
+
+def check_path(path: str) -> list[str]:
+    """Config-time check of semi.pseudo_labels when the file exists before the run (not one an
+    earlier stage writes): everything `load` checks, so --dry-run and submit.py refuse it."""
+    try:
+        load(path)
+    except DataError as e:
+        return [str(e)]
+    return []
 
 
 def label_run(run_dir: str, out: str, checkpoint: str | None = None, overrides=(),

@@ -11,23 +11,75 @@ import os
 
 import torch
 
-from .checkpoint import safe_load
+from data_pipelines.sources import DataError
+
+from .checkpoint import LAST, safe_load
+from .validation import describe, finite_tensors, first_sentence
 
 MOCO_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.")
 HEAD_KEYS = ("fc.",)  # torchvision's classifier / MoCo's MLP projection
+FINAL = "model_final.pt"
+
+
+def final_weights(run_dir: str, ask: str) -> str:
+    """A run folder stands for its model_final.pt. An unfinished run's checkpoint_last.pt is
+    used only when named explicitly, so that weights of a run stopped half-way are never taken
+    for its result; `ask` is the option that names it (e.g. "model.init=")."""
+    final = os.path.join(run_dir, FINAL)
+    if os.path.isfile(final):
+        return final
+    last = os.path.join(run_dir, LAST)
+    if os.path.isfile(last):
+        raise DataError(f"{run_dir} has no {FINAL} (the run did not finish); to start from its "
+                        f"last checkpoint pass {ask}{last}")
+    raise DataError(f"{run_dir}: a folder without {FINAL} or {LAST}; expected a run folder "
+                    f"written by launchers/train.py")
 
 
 def resolve_path(path: str) -> str:
-    """A run folder means its final weights."""
+    """model.init: a weights file, or a finished run folder (its model_final.pt)."""
     if os.path.isdir(path):
-        for name in ("model_final.pt", "checkpoint_last.pt"):
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise FileNotFoundError(f"{path}: a run folder without model_final.pt or "
-                                f"checkpoint_last.pt (did that run finish?)")
+        return final_weights(path, "model.init=")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"model.init = {path!r}: no such file or run folder")
+        raise DataError(f"model.init = {path!r}: no such file or run folder")
     return path
+
+
+def check_init(path: str) -> list[str]:
+    """Config-time check of model.init (launchers' prepare, so --dry-run and submit.py refuse
+    it before any job starts): the file or finished run exists and holds usable weights."""
+    try:
+        read_weights(resolve_path(path))
+    except DataError as e:
+        return [str(e)]
+    return []
+
+
+def read_weights(path: str) -> dict:
+    """The model weights in a file: a state dict (ours, torchvision's), our training checkpoint
+    ({"model": ...}) or MoCo's ({"state_dict": ...}); loaded with weights_only=True, and
+    refused in one line when it is something else or holds NaN / inf."""
+    try:
+        obj = safe_load(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: weights file not found") from None
+    except (RuntimeError, ValueError, OSError) as e:
+        cause = first_sentence(e.__context__ or e)
+        raise DataError(f"{path}: cannot be read as a PyTorch weights file (truncated, not "
+                        f"written by torch.save, or holding objects weights_only loading "
+                        f"refuses){': ' + cause if cause else ''}") from None
+    state = obj
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            state = obj[key]
+            break
+    if not (isinstance(state, dict) and state and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise DataError(f"{path}: not model weights: expected a state dict of named tensors or "
+                        f"a training checkpoint holding one under 'model', found "
+                        f"{describe(obj)}")
+    finite_tensors(state, path)
+    return state
 
 
 def split_state_dict(state: dict) -> tuple[dict, dict, str]:
@@ -55,7 +107,7 @@ def split_state_dict(state: dict) -> tuple[dict, dict, str]:
 def load_pretrained(model, path: str, with_head: bool = False) -> str:
     """Load backbone (and optionally head) weights into a Classifier; returns a log line."""
     path = resolve_path(path)
-    backbone, head, fmt = split_state_dict(safe_load(path))
+    backbone, head, fmt = split_state_dict(read_weights(path))
     _load_strict(model.backbone, backbone, path, "backbone")
     msg = f"initialized the backbone from {path} ({fmt} format, {len(backbone)} tensors)"
     if with_head:
@@ -83,5 +135,5 @@ def _load_strict(module: torch.nn.Module, state: dict, path: str, what: str):
             lines.append(f"  unexpected keys: {few(unexpected)}")
         if shapes:
             lines.append(f"  shape mismatches: {few(shapes)}")
-        raise ValueError("\n".join(lines))
+        raise DataError("\n".join(lines))
     module.load_state_dict(state, strict=True)
