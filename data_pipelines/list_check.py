@@ -182,8 +182,8 @@ def _check_files(report: ListReport, parsed: dict, root: str, sample: int, decod
     _listed(report.problems, [f"{os.path.join(root, p.paths[i])} (listed at {p.where(i)})"
                               for p, i in missing],
             f"image root {root!r}: {len(missing):,} of {len(picked):,} {what} missing")
-    gone = set(missing)
-    present = [e for e in picked if e not in gone]
+    gone = {(id(p), i) for p, i in missing}
+    present = [(p, i) for p, i in picked if (id(p), i) not in gone]
     from PIL import Image
 
     bad = []
