@@ -146,9 +146,9 @@ def test_dry_run_refuses_a_bad_pseudo_label_file(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ feature banks
 
-def bank(path, n=60, d=8, classes=5):
+def bank(path, n=60, d=8, classes=5, dtype=np.float32):
     rng = np.random.default_rng(0)
-    return fb.write_bank(str(path), rng.standard_normal((n, d)).astype(np.float32),
+    return fb.write_bank(str(path), rng.standard_normal((n, d)).astype(dtype),
                          rng.integers(0, classes, n), num_classes=classes)
 
 
@@ -165,17 +165,19 @@ def test_bank_with_nan_features_exits_2_through_the_cli(tmp_path):
     assert "row 17, column 3 holds nan" in err and "top-1" not in proc.stdout
 
 
-def test_finite_check_reads_a_memory_mapped_bank_in_blocks(tmp_path, monkeypatch):
-    """A bank is checked a block of rows at a time (here 4 rows of 8 float32), never read
-    whole: the error names the block in which the bad row was found."""
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_finite_check_reads_a_memory_mapped_bank_in_blocks(tmp_path, monkeypatch, dtype, bad):
+    """A bank is checked a block of rows at a time (here 4 rows of 8), never read whole: the
+    error names the block in which the bad row was found."""
     from trainer import validation
 
-    path = bank(tmp_path / "b", n=60)
+    path = bank(tmp_path / "b", n=60, dtype=dtype)
     feats = np.load(os.path.join(path, "features.npy"))
-    feats[57, 0] = np.inf
+    feats[57, 0] = bad
     np.save(os.path.join(path, "features.npy"), feats)
-    monkeypatch.setattr(validation, "CHUNK_BYTES", 4 * 8 * 4)
-    with pytest.raises(fb.BankError, match=r"row 57, column 0 holds inf \(1 bad values in "
+    monkeypatch.setattr(validation, "CHUNK_BYTES", 4 * 8 * np.dtype(dtype).itemsize)
+    with pytest.raises(fb.BankError, match=rf"row 57, column 0 holds {bad} \(1 bad values in "
                                            r"rows 56..59\)"):
         fb.load_bank(path, mmap=True)
 

@@ -163,7 +163,8 @@ def parse_args(argv=None):
 
     e = sub.add_parser("extract", help="features of a checkpoint on a split or list file")
     e.add_argument("--run", required=True)
-    e.add_argument("--checkpoint", help="default RUN/model_final.pt (else checkpoint_last.pt)")
+    e.add_argument("--checkpoint", help="default RUN/model_final.pt; an unfinished run's "
+                   "RUN/checkpoint_last.pt only when named here")
     e.add_argument("--split", default="test", help="train (the run's LT subset), test or val")
     e.add_argument("--list", help="a list file to read instead of the split's own")
     e.add_argument("--layer", default="features")

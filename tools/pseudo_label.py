@@ -31,7 +31,8 @@ from trainer.feature_bank import BankError  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--run", required=True, help="run folder (config.yaml + model_final.pt)")
-    p.add_argument("--checkpoint", help="default RUN/model_final.pt (else checkpoint_last.pt)")
+    p.add_argument("--checkpoint", help="default RUN/model_final.pt; an unfinished run's\n"
+                   "RUN/checkpoint_last.pt only when named here")
     p.add_argument("--out", help="output .npz; default RUN/pseudo_labels.npz")
     p.add_argument("--threshold", type=float, default=0.0, help="keep confidence >= this")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most confident per class")

@@ -53,7 +53,9 @@ def finite_floats(a, where: str, low: float | None = None, high: float | None = 
     rows = max(1, CHUNK_BYTES // max(1, a[:1].nbytes))
     span = "" if low is None and high is None else f" in [{low}, {high}]"
     for start in range(0, len(a), rows):
-        block = np.asarray(a[start:start + rows])
+        block = np.ascontiguousarray(a[start:start + rows])
+        if low is None and high is None and _all_finite(block):
+            continue
         ok = np.isfinite(block)
         if low is not None:
             ok &= block >= low
@@ -65,6 +67,21 @@ def finite_floats(a, where: str, low: float | None = None, high: float | None = 
             raise error(f"{where}: expected finite values{span}, but {cell} holds "
                         f"{block[pos]} ({int((~ok).sum())} bad values in rows {start}.."
                         f"{start + len(block) - 1})")
+
+
+# IEEE floats by size: the unsigned view and the bits of inf (|x| below them means finite)
+_INF_BITS = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000),
+             8: (np.uint64, 0x7FF0000000000000)}
+
+
+def _all_finite(block: np.ndarray) -> bool:
+    """np.isfinite(block).all() on the bits: 6x faster on float16, which numpy emulates
+    (a memory-mapped 437k x 2048 float16 bank: 0.7-2 s instead of 5-6 s here)."""
+    if block.dtype.itemsize not in _INF_BITS:
+        return bool(np.isfinite(block).all())
+    utype, inf = _INF_BITS[block.dtype.itemsize]
+    bits = np.bitwise_and(block.view(utype), utype(inf | (inf - 1)))
+    return bool(bits.max(initial=0) < inf)
 
 
 def tensors_of(obj, prefix: str = ""):
