@@ -130,10 +130,11 @@ def identify(parsed: ParsedList, split: str, counts: Optional[np.ndarray]) -> st
     present = int((counts > 0).sum()) if counts is not None else 0
     text = (f"not the official {ref.name} list ({ref.file}): {n:,} lines (official "
             f"{ref.lines:,}), {present:,} classes with images (official {ref.classes:,})")
-    if ref.per_class and counts is not None and len(counts):
-        off = int((counts != ref.per_class).sum())
-        if off:
-            text += f", {off:,} classes without exactly {ref.per_class} images"
+    off = int((counts != ref.per_class).sum()) if ref.per_class and counts is not None else 0
+    if off:
+        text += f", {off:,} classes without exactly {ref.per_class} images"
+    elif n == ref.lines and present == ref.classes:
+        text += "; the counts match, the bytes differ (order, paths or line endings)"
     return text
 
 
@@ -270,6 +271,18 @@ def check_split_lists(lists: Mapping[str, Optional[str]], root: Optional[str] = 
     else:
         report.notes.append("no image root given: image files not checked")
     return report
+
+
+def check_data_section(data: Mapping, many: int = 100, few: int = 20, **options) -> ListReport:
+    """`check_split_lists` of a config's `data` section (a mapping: source, root, *_list,
+    num_classes, classes, check_files) with eval.many / eval.few; for --dry-run and
+    tools/check_lists.py. `data.check_files: true` stats every listed image, not a sample."""
+    if data.get("source") != "list":
+        return ListReport(notes=[f"data.source = {data.get('source')!r}: no list files to "
+                                 f"check"])
+    options.setdefault("check_all_files", bool(data.get("check_files")))
+    return check_split_lists({s: data.get(f"{s}_list") for s in SPLITS}, data.get("root"),
+                             data.get("num_classes"), data.get("classes"), many, few, **options)
 
 
 def _duplicates(report: ListReport, split: str, p: ParsedList):

@@ -184,3 +184,21 @@ def test_prepare_inat_from_a_tiny_json_pair(tmp_path):
     assert re.search(r"val2018\.json: image id 1 \(train_val2018/Aves/1/dd\.jpg\) has 0 "
                      r"categories", proc.stderr)
     assert not (tmp_path / "lists" / "iNaturalist18_val.txt").exists()
+
+
+def test_make_synthetic_lt_imagenet_like_images(tmp_path):
+    """--size imagenet: photo-like JPEGs at ImageNet's shapes and ~110 KB file sizes."""
+    lst = tmp_path / "some.txt"
+    lst.write_text("".join(f"train/n0144{c}/n0144{c}_{k}.JPEG {c}\n"
+                           for c in range(3) for k in range(3)))
+    proc = run_cli("tools/make_synthetic_lt.py", "--out", str(tmp_path / "out"), "--list",
+                   str(lst), "--size", "imagenet", "--jobs", "1")
+    assert "9 images written" in proc.stdout
+    sizes = []
+    for line in lst.read_text().splitlines():
+        path = tmp_path / "out" / "images" / line.split()[0]
+        with Image.open(path) as img:
+            assert img.size in ((500, 375), (375, 500), (500, 333)) and img.mode == "RGB"
+            assert np.asarray(img).std() > 20                      # not a flat image
+        sizes.append(path.stat().st_size)
+    assert 60e3 < np.mean(sizes) < 160e3, sizes

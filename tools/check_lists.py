@@ -23,9 +23,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data_pipelines.list_check import check_split_lists  # noqa: E402
+from data_pipelines.list_check import check_data_section  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
 
+KEYS = ("source", "root", "train_list", "val_list", "test_list", "num_classes", "classes",
+        "check_files")
 FLAG_KEYS = {"root": "data.root", "train": "data.train_list", "val": "data.val_list",
              "test": "data.test_list", "num_classes": "data.num_classes"}
 
@@ -49,33 +51,30 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def data_sections(args) -> list[dict]:
-    """The distinct data settings to check: from the config's stages, or from the flags."""
+def data_sections(args) -> list[tuple]:
+    """The distinct (data section, eval.many, eval.few) to check: from the config's stages,
+    or from the flags."""
     flags = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
     if not args.config:
         if args.overrides:
             raise ConfigError(f"command line: overrides {' '.join(args.overrides)} need --config")
-        return [dict(root=flags.get("root"), lists={s: flags.get(s) for s in ("train", "val",
-                                                                            "test")},
-                     num_classes=args.num_classes, classes=args.classes,
-                     many=args.many, few=args.few)]
+        data = {"source": "list", "classes": args.classes, "root": flags.get("root"),
+                "num_classes": args.num_classes,
+                **{f"{s}_list": flags.get(s) for s in ("train", "val", "test")}}
+        return [(data, args.many, args.few)]
     from trainer.pipeline import load_plan
 
     overrides = list(args.overrides) + [f"{FLAG_KEYS[k]}={v}" for k, v in flags.items()]
     if args.classes:
         overrides.append(f"data.classes=[{','.join(map(str, args.classes))}]")
-    seen, out = set(), []
+    out = []
     for stage in load_plan(args.config, overrides):
-        d, e = stage.cfg.data, stage.cfg.eval
-        if d.source != "list":
-            raise ConfigError(f"{args.config}: data.source = {d.source!r}; only 'list' "
+        d = {k: stage.cfg.data[k] for k in KEYS}
+        if d["source"] != "list":
+            raise ConfigError(f"{args.config}: data.source = {d['source']!r}; only 'list' "
                               f"sources have list files to check")
-        lists = {"train": d.train_list, "val": d.val_list, "test": d.test_list}
-        key = (d.root, tuple(lists.values()), d.num_classes, tuple(d.classes or ()), e.many, e.few)
-        if key not in seen:
-            seen.add(key)
-            out.append(dict(root=d.root, lists=lists, num_classes=d.num_classes,
-                            classes=d.classes, many=e.many, few=e.few))
+        if (d, stage.cfg.eval.many, stage.cfg.eval.few) not in out:
+            out.append((d, stage.cfg.eval.many, stage.cfg.eval.few))
     return out
 
 
@@ -86,17 +85,16 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    if not any(v for s in sections for v in s["lists"].values()):
+    if not any(d[f"{s}_list"] for d, _, _ in sections for s in ("train", "val", "test")):
         print("check_lists: no list given; use --config or --train/--val/--test",
               file=sys.stderr)
         return 2
     status = 0
-    for section in sections:
+    for data, many, few in sections:
         start = time.perf_counter()
-        report = check_split_lists(section["lists"], section["root"], section["num_classes"],
-                                   section["classes"], section["many"], section["few"],
-                                   sample=args.sample, decode=args.decode,
-                                   check_all_files=args.all_files, seed=args.seed)
+        report = check_data_section(data, many, few, sample=args.sample, decode=args.decode,
+                                    seed=args.seed, check_all_files=args.all_files
+                                    or bool(data.get("check_files")))
         print(report.summary())
         print(f"checked in {time.perf_counter() - start:.1f} s")
         status = max(status, 0 if report.ok else 2)
