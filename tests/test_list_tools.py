@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.list_check import check_split_lists
+from data_pipelines.list_check import check_data_section, check_split_lists
 from tests.conftest import ROOT, run_cli
 from tools import check_lists
 
@@ -131,6 +131,14 @@ def test_make_synthetic_lt_tiny_from_imagenet_lt_counts(tmp_path):
     cut.write_bytes(cut.read_bytes()[:100])
     assert "2 images written" in run_cli(*args).stdout
     assert check_split_lists(lists, str(out / "images"), 1000, sample=3000, decode=0).ok
+    # data.check_files: true stats every listed image, not a sample
+    data = {"source": "list", "root": str(out / "images"), "num_classes": 1000,
+            "check_files": True, **{f"{s}_list": p for s, p in lists.items()}}
+    os.remove(out / "images" / _read(lists["test"])[-1][0])
+    report = check_data_section(data, sample=10)
+    assert "checked 3,000 of 3,000 listed images" in report.summary()
+    assert re.search(r"1 of 3,000 listed images missing: \S+ \(listed at \S+ImageNet_LT_test"
+                     r"\.txt:1000\)", report.problems[0]), report.problems
 
 
 def test_inat_shaped_list_is_checked_in_seconds(tmp_path):
