@@ -134,7 +134,7 @@ def identify(parsed: ParsedList, split: str, counts: Optional[np.ndarray]) -> st
     if off:
         text += f", {off:,} classes without exactly {ref.per_class} images"
     elif n == ref.lines and present == ref.classes:
-        text += "; the counts match, the bytes differ (order, paths or line endings)"
+        text += "; the totals match, the bytes differ (order, paths or line endings)"
     return text
 
 
