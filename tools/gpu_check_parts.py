@@ -1,0 +1,666 @@
+"""The parts of tools/gpu_check.py that issue 15 lists, and what they share.
+
+Each part is `part_NAME(ctx) -> dict` with "figures" (numbers to report) and "checks" (each a
+name, the measured value, the target and whether it holds; ok=None = reported, not judged:
+speed targets in smoke mode). A part raises Skip(reason) when it cannot run here. Parts run
+in their own process (see gpu_check.py), so a crash, a hang or the memory of one part cannot
+touch another. Everything goes through the project's public entry points: load_config,
+Trainer, the method registry, the loaders and feature_bank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from trainer.config import load_config  # noqa: E402
+from trainer.engine import Trainer  # noqa: E402
+
+
+class Skip(Exception):
+    """The part cannot run here (no GPU, a package missing); the message says why."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Problem sizes: the full check on a GPU, or tiny ones for the CPU smoke mode."""
+    model: str
+    image: int
+    batch: int
+    steps: int           # timed steps per measurement
+    warmup: int
+    rounds: int          # alternating engine / bare-loop rounds, best of each
+    classes: int
+    jpegs: int           # generated photo-like JPEGs for the end-to-end parts
+    jpeg_wh: tuple
+    workers: int
+    moco_queue: int
+    bank: tuple          # (rows, dim) of the kNN bank
+    queries: int
+    fm_epochs: int
+
+
+FULL = Sizes("resnet50", 224, 256, 30, 8, 2, 1000, 4096, (500, 375), 14, 65536,
+             (437_513, 2048), 256, 2)
+SMOKE = Sizes("resnet8", 16, 4, 2, 1, 1, 10, 16, (100, 75), 0, 64, (4000, 64), 16, 1)
+
+
+@dataclass
+class Ctx:
+    smoke: bool
+    device: torch.device
+    work: str            # this part's scratch folder
+    shared: str          # scratch shared by the parts of one run (generated JPEGs)
+    sizes: Sizes
+    fmnist_root: str | None = None
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def note(self, msg: str):
+        print(f"    {msg}", flush=True)
+
+
+def release(trainer: Trainer):
+    """Close a Trainer that was driven step by step (not through fit()): its log and its
+    run-folder lock, so another Trainer can open the same folder (resume)."""
+    trainer.log.close()
+    folder = getattr(trainer, "folder", None)
+    if folder is not None:
+        folder.close()
+
+
+def check(name: str, value, target: str, ok) -> dict:
+    return {"name": name, "value": value, "target": target,
+            "ok": None if ok is None else bool(ok)}
+
+
+def speed_check(ctx, name, value, target, ok) -> dict:
+    """A speed target: judged on a GPU only (smoke sizes on CPU say nothing about speed)."""
+    return check(name, value, target, None if ctx.smoke or not ctx.cuda else ok)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device):
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+
+
+# --------------------------------------------------------------------------- data
+
+def photo_like_jpeg(path: str, seed: int, wh: tuple, quality: int = 90):
+    """A JPEG that compresses like a photo (~100 KB at 500x375): smooth colour fields, shapes
+    with edges, a light blur, then grain; pure noise or flat colour would not."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    w, h = wh
+    low = Image.fromarray((rng.random((3, 4, 3)) * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    mid = Image.fromarray((rng.random((h // 25 + 1, w // 25 + 1, 3)) * 255).astype(np.uint8))
+    img = 0.6 * np.asarray(low, np.float32) + 0.4 * np.asarray(mid.resize((w, h), Image.BICUBIC),
+                                                               np.float32)
+    pil = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    for _ in range(int(rng.integers(4, 10))):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        box = [x0, y0, x0 + int(rng.integers(10, max(11, w // 2))),
+               y0 + int(rng.integers(10, max(11, h // 2)))]
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+    arr = np.asarray(pil.filter(ImageFilter.GaussianBlur(1.0)), np.float32)
+    arr = arr + rng.normal(0, 20, arr.shape).astype(np.float32)
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, "JPEG", quality=quality)
+
+
+def _write_some(args):
+    folder, wh, seeds = args
+    for s in seeds:
+        photo_like_jpeg(os.path.join(folder, f"img_{s:06d}.jpg"), s, wh)
+
+
+def jpeg_list(ctx: Ctx, n: int, wh: tuple, classes: int) -> str:
+    """A 'path label' list of n generated JPEGs (made once per run, shared by the parts)."""
+    folder = os.path.join(ctx.shared, f"jpegs_{n}_{wh[0]}x{wh[1]}")
+    list_path = os.path.join(folder, "list.txt")
+    if os.path.exists(list_path):
+        return list_path
+    os.makedirs(folder, exist_ok=True)
+    t0 = time.perf_counter()
+    procs = max(1, min(16, (os.cpu_count() or 1)))
+    chunks = [(folder, wh, list(range(i, n, procs))) for i in range(procs)]
+    if procs > 1 and n >= 64:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(procs) as pool:
+            pool.map(_write_some, chunks)
+    else:
+        for c in chunks:
+            _write_some(c)
+    with open(list_path + ".tmp", "w") as f:
+        f.writelines(f"img_{i:06d}.jpg {i % classes}\n" for i in range(n))
+    os.replace(list_path + ".tmp", list_path)
+    size = np.mean([os.path.getsize(os.path.join(folder, f"img_{i:06d}.jpg"))
+                    for i in range(min(n, 200))])
+    ctx.note(f"wrote {n} JPEGs {wh[0]}x{wh[1]} (mean {size / 1e3:.0f} KB) in "
+             f"{time.perf_counter() - t0:.1f} s")
+    return list_path
+
+
+def list_overrides(ctx: Ctx, list_path: str, run_dir: str, **extra) -> list[str]:
+    """A config over a generated JPEG list (train and test), the ImageNet recipe, this device."""
+    s = ctx.sizes
+    over = {"run.out_dir": run_dir, "run.name": "run", "data.source": "list",
+            "data.root": os.path.dirname(list_path),
+            "data.train_list": list_path, "data.val_list": list_path, "data.test_list": list_path,
+            "data.num_classes": s.classes, "data.imbalance": "none", "data.stats": "imagenet",
+            "data.augment": "imagenet", "data.image_size": s.image, "data.batch_size": s.batch,
+            "data.eval_batch_size": s.batch, "data.workers": s.workers,
+            "model.name": s.model, "model.channels_last": True,
+            "optim.lr": 0.1, "optim.weight_decay": 1e-4, "sched.name": "constant",
+            "sched.warmup_epochs": 0, "sched.epochs": 1000, "eval.every_epochs": 0,
+            "engine.device": ctx.device.type, "engine.progress": "none",
+            "engine.log_every": 1_000_000, "engine.amp": "bf16"}
+    over.update(extra)
+    return [f"{k}={json.dumps(v) if isinstance(v, (list, bool)) or v is None else v}"
+            for k, v in over.items()]
+
+
+def small_list(ctx: Ctx) -> str:
+    """A few small JPEGs: enough for a Trainer whose batches come from elsewhere."""
+    return jpeg_list(ctx, 32, (64, 48), ctx.sizes.classes)
+
+
+class _Sampler:
+    def __init__(self, n):
+        self.num_batches = n
+
+    def set_epoch(self, epoch, start_batch=0):
+        pass
+
+
+def feed_synthetic(trainer: Trainer, batch, steps: list):
+    """Make the engine train on one pre-made device batch, `steps[0]` steps per epoch (mutable,
+    so warm-up and timed epochs can differ), with no data loading at all: what remains is the
+    engine's own cost, to compare against a bare loop on the same batch."""
+    def loader(*_a, **_k):
+        n = steps[0]
+        return (batch for _ in range(n)), _Sampler(n)
+
+    trainer.data.train_loader = loader
+
+
+def synthetic_batch(ctx: Ctx, views: int = 1):
+    s, g = ctx.sizes, torch.Generator().manual_seed(0)
+    shape = (s.batch, views, 3, s.image, s.image) if views > 1 else (s.batch, 3, s.image, s.image)
+    images = torch.randn(shape, generator=g).to(ctx.device)
+    if views == 1:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, s.classes, (s.batch,), generator=g).to(ctx.device)
+    return images, labels
+
+
+def timed(device, fn) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def engine_rate(trainer: Trainer, steps: list, n: int) -> float:
+    steps[0] = n
+    sec = timed(trainer.device, trainer.train_epoch)
+    return n * trainer.cfg.data.batch_size / sec
+
+
+def bare_loop(model, images, labels, amp: str, device, compile_: bool):
+    """The loop a user would write: autocast, GradScaler for fp16, fused SGD, nothing else."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
+                          fused=True if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    fwd = torch.compile(model) if compile_ else model
+    model.train()
+
+    def run(n):
+        for _ in range(n):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = F.cross_entropy(fwd(images), labels)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+    return run
+
+
+# --------------------------------------------------------------------------- parts
+
+def part_environment(ctx: Ctx) -> dict:
+    import platform
+
+    fig = {"python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "cpus": os.cpu_count(),
+           "cuda_available": torch.cuda.is_available()}
+    import torchvision
+    fig["torchvision"] = torchvision.__version__
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        fig.update(gpus=torch.cuda.device_count(), gpu=p.name,
+                   gpu_memory_gib=round(p.total_memory / 2 ** 30, 1),
+                   capability=f"{p.major}.{p.minor}", cudnn=torch.backends.cudnn.version(),
+                   nccl=".".join(map(str, torch.cuda.nccl.version())),
+                   bf16_supported=torch.cuda.is_bf16_supported())
+    for name, dist_name in (("dali", "nvidia-dali-cuda130"), ("ffcv", "ffcv"),
+                            ("faiss", None)):
+        fig[name] = _package_version(name, dist_name, import_it=not ctx.smoke)
+    if not ctx.smoke and not fig["faiss"].startswith("missing"):
+        import faiss
+        fig["faiss_gpus"] = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    checks = [check("torch imports and reports its version", fig["torch"], "any", True)]
+    if not ctx.smoke:
+        checks.append(check("CUDA device visible", fig["cuda_available"], "True",
+                            fig["cuda_available"]))
+    return {"figures": fig, "checks": checks}
+
+
+def _package_version(name: str, dist_name: str | None, import_it: bool) -> str:
+    """The installed version; with import_it, also whether it imports (DALI and FFCV load
+    shared libraries at import). Smoke mode reads metadata only: the imports take seconds."""
+    from importlib import metadata
+
+    if import_it:
+        if name in ("dali", "ffcv"):
+            from data_pipelines.loaders import backend_status
+            ok, why = backend_status(name)
+        else:
+            try:
+                __import__(name)
+                ok, why = True, ""
+            except ImportError as e:
+                ok, why = False, str(e)
+        if not ok:
+            return f"missing ({why})"
+    names = [dist_name] if dist_name else ["faiss-gpu", "faiss-cpu", "faiss-gpu-cu12"]
+    for n in names:
+        try:
+            return metadata.version(n)
+        except metadata.PackageNotFoundError:
+            continue
+    return "installed (version unknown)" if import_it else "missing (no package metadata)"
+
+
+def part_nccl(ctx: Ctx) -> dict:
+    """torchrun, one process per visible GPU (2 gloo processes in smoke mode), through the
+    engine's own process-group set-up; all_reduce and all_gather_cat checked, bus bandwidth."""
+    gpus = torch.cuda.device_count() if ctx.cuda else 0
+    nproc = max(1, gpus) if ctx.cuda else 2
+    out = os.path.join(ctx.work, "nccl.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", os.path.join(ROOT, "tools", "gpu_check_worker.py"),
+           out, "cuda" if ctx.cuda else "cpu"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 or not os.path.exists(out):
+        raise RuntimeError(f"torchrun exited {proc.returncode}: {proc.stderr[-1500:]}")
+    with open(out) as f:
+        r = json.load(f)
+    r["processes"] = nproc
+    return {"figures": r, "checks": [
+        check("all_reduce of rank+1 equals the sum", r["all_reduce"], f"{r['expected']}",
+              r["all_reduce"] == r["expected"]),
+        check("all_gather_cat holds every rank's rows in rank order", r["gather_ok"], "True",
+              r["gather_ok"])]}
+
+
+def _throughput(ctx: Ctx, amp: str, compile_: bool) -> dict:
+    s = ctx.sizes
+    cfg = load_config(None, list_overrides(ctx, small_list(ctx), ctx.work, **{
+        "engine.amp": amp, "model.compile": compile_, "run.name": f"{amp}_{compile_}"}))
+    trainer = Trainer(cfg)
+    images, labels = synthetic_batch(ctx)
+    steps = [s.warmup]
+    feed_synthetic(trainer, (images, labels), steps)
+    bare_model = trainer.method.build_model().to(ctx.device, memory_format=torch.channels_last)
+    bare = bare_loop(bare_model, images, labels, amp, ctx.device, compile_)
+    reset_peak(ctx.device)
+    timed(ctx.device, lambda: bare(s.warmup))
+    bare_peak = peak_gib(ctx.device)
+    reset_peak(ctx.device)
+    engine_rate(trainer, steps, s.warmup)
+    engine_peak = peak_gib(ctx.device)
+    rates = {"bare": [], "engine": []}
+    for _ in range(s.rounds):
+        rates["bare"].append(s.steps * s.batch / timed(ctx.device, lambda: bare(s.steps)))
+        rates["engine"].append(engine_rate(trainer, steps, s.steps))
+    release(trainer)
+    best = {k: max(v) for k, v in rates.items()}
+    ratio = best["engine"] / best["bare"]
+    fused = bool(trainer.optimizer.defaults.get("fused"))
+    tag = f"{amp}{' compiled' if compile_ else ''}"
+    ctx.note(f"{tag}: engine {best['engine']:.0f} img/s, bare loop {best['bare']:.0f} img/s, "
+             f"ratio {ratio:.3f}")
+    return {"amp": amp, "compile": compile_, "engine_img_s": round(best["engine"], 1),
+            "bare_img_s": round(best["bare"], 1), "ratio": round(ratio, 3),
+            "engine_peak_gib": engine_peak, "bare_peak_gib": bare_peak, "fused_sgd": fused,
+            "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+            "check": speed_check(ctx, f"engine / bare loop ({tag})", round(ratio, 3), ">= 0.97",
+                                 ratio >= 0.97)}
+
+
+def part_rn50_eager(ctx: Ctx) -> dict:
+    """ResNet-50, 224 px, batch 256, channels_last, synthetic batch on the GPU, eager:
+    bf16 and fp16 + GradScaler, the engine against the bare loop, peak memory."""
+    rows = [_throughput(ctx, amp, False) for amp in ("bf16", "fp16")]
+    checks = [r.pop("check") for r in rows]
+    if ctx.cuda:
+        checks.append(check("engine uses fused SGD on CUDA", rows[0]["fused_sgd"], "True",
+                            rows[0]["fused_sgd"]))
+    return {"figures": {"runs": rows}, "checks": checks}
+
+
+def part_rn50_compile(ctx: Ctx) -> dict:
+    """The same with torch.compile (bf16): the bare loop compiles first, the engine's compile
+    of the same graph then mostly hits inductor's cache."""
+    row = _throughput(ctx, "bf16", True)
+    return {"figures": {"runs": [row]}, "checks": [row.pop("check")]}
+
+
+def _end_to_end(ctx: Ctx, backend: str) -> dict:
+    from data_pipelines.loaders import backend_status
+
+    if backend != "torchvision":
+        ok, why = backend_status(backend)
+        if not ok:
+            raise Skip(f"{backend} is not installed here ({why})")
+    s = ctx.sizes
+    lst = jpeg_list(ctx, s.jpegs, s.jpeg_wh, s.classes)
+    extra = {"data.loader": backend, "run.name": backend,
+             "data.beton_dir": os.path.join(ctx.work, "betons"),
+             "data.dali_threads": max(1, s.workers)}
+    cfg = load_config(None, list_overrides(ctx, lst, ctx.work, **extra))
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg)
+    loader, sampler = trainer.data.train_loader("uniform", 0)
+    first = next(iter(loader))  # FFCV writes its .beton here; every backend starts its workers
+    setup_s = time.perf_counter() - t0
+    shape, dtype = tuple(first[0].shape), str(first[0].dtype)
+    del first
+
+    def load_epoch():
+        n = 0
+        for images, labels in trainer.data.train_loader("uniform", 1)[0]:
+            images = images.to(ctx.device, non_blocking=True)
+            n += len(images)
+        return n
+
+    n_img = [0]
+    sec = timed(ctx.device, lambda: n_img.__setitem__(0, load_epoch()))
+    loader_rate = n_img[0] / sec
+    trainer.train_epoch()                                   # warm-up epoch
+    steps = sampler.num_batches
+    sec = timed(ctx.device, trainer.train_epoch)
+    rate = steps * s.batch / sec
+    release(trainer)
+    ctx.note(f"{backend}: loader alone {loader_rate:.0f} img/s, training {rate:.0f} img/s")
+    fig = {"backend": backend, "images": s.jpegs, "batch": s.batch, "batch_shape": shape,
+           "batch_dtype": dtype, "setup_s": round(setup_s, 1),
+           "loader_img_s": round(loader_rate, 1), "train_img_s": round(rate, 1),
+           "peak_gib": peak_gib(ctx.device)}
+    checks = [check("batch shape [B, 3, H, W]", list(shape), f"[{s.batch}, 3, {s.image}, "
+                    f"{s.image}]", shape == (s.batch, 3, s.image, s.image))]
+    if backend == "dali":
+        checks.append(speed_check(ctx, "RN50 bf16 from JPEGs with DALI", round(rate, 1),
+                                  ">= 3000 img/s", rate >= 3000))
+    return {"figures": fig, "checks": checks}
+
+
+def part_e2e_torchvision(ctx):
+    """ResNet-50 bf16 trained from JPEGs through the torchvision loader (CPU decode, pinned
+    batches copied to the GPU)."""
+    return _end_to_end(ctx, "torchvision")
+
+
+def part_e2e_dali(ctx):
+    """The same through DALI (nvJPEG 'mixed' decoding and GPU augmentation on a GPU)."""
+    return _end_to_end(ctx, "dali")
+
+
+def part_e2e_ffcv(ctx):
+    """The same through FFCV (.beton written first, batches normalized on the device)."""
+    return _end_to_end(ctx, "ffcv")
+
+
+def part_moco_step(ctx: Ctx) -> dict:
+    """MoCo v2 training steps: ResNet-50, K = 65,536, two aug views, bf16, shuffled BN."""
+    s = ctx.sizes
+    cfg = load_config(None, list_overrides(ctx, small_list(ctx), ctx.work, **{
+        "method.name": "moco", "data.augment": "moco", "moco.queue": s.moco_queue,
+        "run.name": "moco"}))
+    trainer = Trainer(cfg)
+    steps = [s.warmup]
+    feed_synthetic(trainer, synthetic_batch(ctx, views=2), steps)
+    reset_peak(ctx.device)
+    engine_rate(trainer, steps, s.warmup)
+    rate = engine_rate(trainer, steps, s.steps)
+    release(trainer)
+    m = trainer.method
+    expect_ptr = (s.batch * (s.warmup + s.steps)) % s.moco_queue
+    last = _last_train_record(trainer.run_dir)
+    fig = {"img_s": round(rate, 1), "peak_gib": peak_gib(ctx.device), "queue": s.moco_queue,
+           "queue_ptr": m.queue_ptr, "queue_dtype": str(m.queue.dtype), "last_loss": last.get("loss")}
+    return {"figures": fig, "checks": [
+        check("queue pointer advanced by the batches", m.queue_ptr, expect_ptr,
+              m.queue_ptr == expect_ptr),
+        check("loss finite", last.get("loss"), "finite", last.get("loss") is not None
+              and np.isfinite(last["loss"]))]}
+
+
+def _last_train_record(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    recs = []
+    if os.path.exists(path):
+        with open(path) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+    recs = [r for r in recs if r.get("kind") == "train"]
+    return recs[-1] if recs else {}
+
+
+def part_crt_step(ctx: Ctx) -> dict:
+    """cRT steps on a frozen ResNet-50: the backbone must not move, the classifier must."""
+    from trainer.models import create_model
+
+    s = ctx.sizes
+    init = os.path.join(ctx.work, "init.pt")
+    torch.save(create_model(s.model, num_classes=s.classes, in_channels=3).state_dict(), init)
+    cfg = load_config(None, list_overrides(ctx, small_list(ctx), ctx.work, **{
+        "method.name": "crt", "run.name": "crt", "model.init": init}))
+    trainer = Trainer(cfg)
+    steps = [s.warmup]
+    feed_synthetic(trainer, synthetic_batch(ctx), steps)
+    model = trainer.method.model
+    before_bb = [p.detach().clone() for p in model.backbone.parameters()]
+    before_head = [p.detach().clone() for p in model.head.parameters()]
+    engine_rate(trainer, steps, s.warmup)
+    rate = engine_rate(trainer, steps, s.steps)
+    release(trainer)
+    bb_same = all(torch.equal(a, b) for a, b in zip(before_bb, model.backbone.parameters()))
+    head_moved = any(not torch.equal(a, b) for a, b in zip(before_head, model.head.parameters()))
+    return {"figures": {"img_s": round(rate, 1), "peak_gib": peak_gib(ctx.device)},
+            "checks": [check("frozen backbone unchanged", bb_same, "True", bb_same),
+                       check("classifier updated", head_moved, "True", head_moved)]}
+
+
+def part_ldam_autocast(ctx: Ctx) -> dict:
+    """LDAM under bf16 and fp16 autocast: the loss and its gradient are float32 and equal to
+    the loss outside autocast on the same float32 logits."""
+    from trainer.losses import create_loss
+
+    counts = [500, 200, 80, 30, 10]
+    loss_fn = create_loss("ldam", counts).to(ctx.device)
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.rand(64, 5, generator=g) * 2 - 1).to(ctx.device)
+    target = torch.randint(0, 5, (64,), generator=g).to(ctx.device)
+    ref = loss_fn(logits, target)
+    checks, fig = [], {"fp32_loss": float(ref)}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        x = logits.clone().requires_grad_(True)
+        with torch.autocast(ctx.device.type, dtype=dtype):
+            loss = loss_fn(x, target)
+        loss.backward()
+        fig[f"{name}_loss"] = float(loss.detach())
+        checks += [check(f"loss dtype under {name} autocast", str(loss.dtype), "torch.float32",
+                         loss.dtype == torch.float32),
+                   check(f"loss under {name} autocast == float32 loss",
+                         abs(float(loss) - float(ref)), "<= 1e-6",
+                         abs(float(loss) - float(ref)) <= 1e-6),
+                   check(f"grad dtype under {name}", str(x.grad.dtype), "torch.float32",
+                         x.grad.dtype == torch.float32)]
+    return {"figures": fig, "checks": checks}
+
+
+def part_faiss_knn(ctx: Ctx) -> dict:
+    """faiss-gpu exact kNN on a 437,513 x 2,048 bank against faiss-cpu on a subset of queries:
+    the same neighbours (a swap only between near-ties). Smoke: faiss-cpu against torch."""
+    from trainer import feature_bank as fb
+
+    try:
+        import faiss
+    except ImportError as e:
+        raise Skip(f"faiss is not installed here ({e})")
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if not ctx.smoke and gpus == 0:
+        raise Skip(f"faiss {faiss.__version__} sees no GPU (faiss-cpu installed, not faiss-gpu)")
+    n, d = ctx.sizes.bank
+    k, nq = 20, ctx.sizes.queries
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    t0 = time.perf_counter()
+    bank = F.normalize(torch.randn(n, d, device=ctx.device, generator=g), dim=1).cpu().numpy()
+    queries = bank[:nq] + 0.05 * np.random.default_rng(0).standard_normal((nq, d), np.float32)
+    make_s = time.perf_counter() - t0
+    res = {}
+    for dev in (("gpu", "cpu") if not ctx.smoke else ("cpu",)):
+        t0 = time.perf_counter()
+        index = fb.build_index(bank, "flat", "ip", device=dev)
+        build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res[dev] = index.search(queries, k)
+        res[dev + "_s"] = (round(build, 2), round(time.perf_counter() - t0, 3))
+        del index
+    if ctx.smoke:   # the reference: exact similarities in float64
+        sims = torch.from_numpy(queries).double() @ torch.from_numpy(bank).double().T
+        top, idx = sims.topk(k, dim=1)
+        res["ref"] = (top.numpy(), idx.numpy())
+    ref_name = "ref" if ctx.smoke else "cpu"
+    test_name = "cpu" if ctx.smoke else "gpu"
+    (s_a, i_a), (s_b, i_b) = res[test_name], res[ref_name]
+    same = (i_a == i_b)
+    # a differing id is acceptable only where the two similarities are a near-tie
+    ties = np.abs(s_a - s_b) <= 1e-4
+    ok = bool(np.all(same | ties))
+    fig = {"bank": [n, d], "queries": nq, "k": k, "bank_s": round(make_s, 1),
+           "faiss": faiss.__version__, "faiss_gpus": gpus,
+           "identical_ids_share": round(float(same.mean()), 5),
+           "max_sim_diff": float(np.abs(s_a - s_b).max())}
+    for dev in ("gpu", "cpu"):
+        if dev + "_s" in res:
+            fig[f"{dev}_build_s"], fig[f"{dev}_search_s"] = res[dev + "_s"]
+    return {"figures": fig, "checks": [
+        check(f"{test_name} neighbours == {ref_name} neighbours (up to near-ties)",
+              fig["identical_ids_share"], "1.0 or ties", ok)]}
+
+
+def part_checkpoint_resume(ctx: Ctx) -> dict:
+    """Deterministic mode: a run stopped after 3 steps and resumed from checkpoint_last.pt
+    ends with bit-identical weights to an uninterrupted run, on this device."""
+    full = not ctx.smoke
+    lst = jpeg_list(ctx, 64, (64, 48), 10) if full else small_list(ctx)
+    base = {"run.deterministic": True, "data.num_classes": 10,
+            "data.batch_size": 16 if full else 8, "data.eval_batch_size": 64,
+            "data.workers": 0, "data.image_size": 32 if full else 16,
+            "model.name": "resnet18" if full else "resnet8", "sched.epochs": 2,
+            "engine.amp": "bf16" if full else "none"}
+
+    def cfg(name, **kw):
+        return load_config(None, list_overrides(ctx, lst, ctx.work, **{**base, **kw,
+                                                                       "run.name": name}))
+    t = Trainer(cfg("whole"))
+    t.fit()
+    release(t)
+    t = Trainer(cfg("resumed", **{"engine.max_steps": 3}))
+    t.train_epoch()
+    t.save_checkpoint()
+    release(t)
+    t = Trainer(cfg("resumed", **{"run.allow_change": ["engine.max_steps"]}))
+    resumed_at = t.global_step
+    t.fit()
+    release(t)
+    a = torch.load(os.path.join(ctx.work, "whole", "model_final.pt"), weights_only=True)
+    b = torch.load(os.path.join(ctx.work, "resumed", "model_final.pt"), weights_only=True)
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    return {"figures": {"tensors": len(a), "differing": diff[:10], "resumed_at_step": resumed_at,
+                        "device": str(ctx.device), "model": base["model.name"]},
+            "checks": [check("resumed at global step 3", resumed_at, 3, resumed_at == 3),
+                       check("resumed weights bit-identical", len(diff), 0, not diff)]}
+
+
+def part_fmnist_gpu_cpu(ctx: Ctx) -> dict:
+    """configs/fmnist_lt_ce.yaml for a few epochs on the GPU and on the CPU: the first step's
+    loss within 1e-3 (relative) and the balanced error within 5 points. Smoke: CPU twice."""
+    from data_pipelines.sources import FASHION_MNIST_ROOT
+
+    root = ctx.fmnist_root or FASHION_MNIST_ROOT
+    if not os.path.exists(os.path.join(root, "train-labels-idx1-ubyte.gz")):
+        raise Skip(f"Fashion-MNIST not found in {root} (apt-get install dataset-fashion-mnist, "
+                   f"or copy its 4 files and pass --fmnist-root)")
+    e = ctx.sizes.fm_epochs
+    over = [f"run.out_dir={ctx.work}", f"data.root={root}", f"sched.epochs={e}",
+            f"sched.milestones=[{e}]", "sched.warmup_epochs=0", "eval.every_epochs=0",
+            "engine.log_every=1", "engine.progress=none"]
+    if ctx.smoke:
+        from data_pipelines.sources import read_fashion_mnist
+
+        labels = read_fashion_mnist(root, train=False).labels
+        test = os.path.join(ctx.work, "test200.txt")
+        with open(test, "w") as f:
+            f.writelines(f"{i} {int(labels[i])}\n" for i in range(200))
+        over += ["data.n_max=60", "data.rho=10", "data.eval_batch_size=200",
+                 f"data.test_list={test}"]
+    results = {}
+    for dev in ("cuda", "cpu") if ctx.cuda else ("cpu", "cpu2"):
+        cfg = load_config(os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml"),
+                          over + [f"engine.device={dev.rstrip('2')}", f"run.name={dev}"])
+        t0 = time.perf_counter()
+        from trainer.engine import train
+        r = train(cfg)
+        with open(os.path.join(ctx.work, dev, "metrics.jsonl")) as f:
+            first = next(json.loads(line) for line in f if '"train"' in line)
+        results[dev] = {"balanced_error": r["balanced_error"], "first_loss": first["loss"],
+                        "seconds": round(time.perf_counter() - t0, 1)}
+    a, b = list(results.values())
+    rel = abs(a["first_loss"] - b["first_loss"]) / abs(b["first_loss"])
+    gap = abs(a["balanced_error"] - b["balanced_error"])
+    return {"figures": results, "checks": [
+        check("first-step loss, relative difference", round(rel, 6), "<= 1e-3", rel <= 1e-3),
+        check("balanced error difference (points)", round(gap, 2), "<= 5", gap <= 5)]}
