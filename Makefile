@@ -1,7 +1,7 @@
 # The two commands of the README. Both set up .venv (and apt packages) on first use.
 PY := .venv/bin/python
 
-.PHONY: setup demo test table ssp-table semi-table inspect bench clean
+.PHONY: setup demo test table ssp-table semi-table inspect bench gpu-check clean
 
 setup:
 	bash tools/setup_env.sh
@@ -37,6 +37,11 @@ bench: setup
 	$(PY) tools/bench_train.py
 	$(PY) tools/bench_loaders.py
 	$(PY) tools/bench_features.py
+
+# GPU readiness (README): every GPU path checked in under 8 minutes, report in docs/gpu_check.md.
+# On a CPU machine: make gpu-check ARGS='--cpu-smoke --out /tmp/gpu_smoke'
+gpu-check: setup
+	$(PY) tools/gpu_check.py --out docs/gpu_check $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -15,9 +15,9 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .samplers import mix_seeds
+from configspec import F, Registry
 
-TRANSFORM_KINDS = ("small", "imagenet", "moco", "none")
+from .samplers import mix_seeds
 
 # name -> (mean, std), on images scaled to [0, 1].
 DEFAULT_STATS = {
@@ -113,22 +113,58 @@ def build_transform(kind: str, train: bool, image_size: int, mean: Sequence[floa
                          f"{in_channels} values, got {len(mean)} and {len(std)}")
     if any(s <= 0 for s in std):
         raise ValueError(f"build_transform: std values must be positive, got {list(std)}")
-    if kind == "small" or (kind == "moco" and not train and image_size <= 64):
-        return SmallImageTransform(train, image_size, mean, std, in_channels)
-    if kind == "moco" and train:
-        return TwoViews(moco_v2_ops(image_size, in_channels) + _normalize(mean, std))
-    ops: list = [v2.ToImage(), MatchChannels(in_channels)]
-    if kind == "imagenet" or kind == "moco":
-        if train:
-            ops += [v2.RandomResizedCrop(image_size, antialias=True),
-                    v2.RandomHorizontalFlip()]
-        else:
-            ops += [v2.Resize(int(image_size * 256 / 224), antialias=True),
-                    v2.CenterCrop(image_size)]
-    elif kind != "none":
+    if kind not in AUGMENTS:
         raise ValueError(f"build_transform: unknown kind {kind!r}; expected one of "
                          f"{TRANSFORM_KINDS}")
+    return AUGMENTS[kind](train, image_size, mean, std, in_channels)
+
+
+def _small(train, image_size, mean, std, in_channels):
+    return SmallImageTransform(train, image_size, mean, std, in_channels)
+
+
+def _imagenet(train, image_size, mean, std, in_channels):
+    """RandomResizedCrop + flip; resize 256/224 + center crop for evaluation."""
+    ops: list = [v2.ToImage(), MatchChannels(in_channels)]
+    if train:
+        ops += [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        ops += [v2.Resize(int(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]
     return v2.Compose(ops + _normalize(mean, std))
+
+
+def _moco(train, image_size, mean, std, in_channels):
+    """Two aug+ views for training; evaluation as "small" up to 64 px, else as "imagenet"."""
+    if train:
+        return TwoViews(moco_v2_ops(image_size, in_channels) + _normalize(mean, std))
+    fn = _small if image_size <= 64 else _imagenet
+    return fn(False, image_size, mean, std, in_channels)
+
+
+def _none(train, image_size, mean, std, in_channels):
+    return v2.Compose([v2.ToImage(), MatchChannels(in_channels)] + _normalize(mean, std))
+
+
+def _check_stats(cfg, fail):
+    d = cfg.data
+    if d.stats is None and d.source not in DEFAULT_STATS:
+        fail("data.stats", f"data.source = '{d.source}' has no normalization statistics of its "
+                           f"own: set data.stats to one of {', '.join(DEFAULT_STATS)}")
+
+
+# Every recipe reads the image size and the normalization; a backend (loaders.py) implements
+# each recipe by name.
+AUGMENTS = Registry("data.augment", default="small", help="augmentation recipe", check=_check_stats,
+                    config={"data": {
+                        "image_size": F("int", 28, ge=1),
+                        "stats": F("str", None, tuple(DEFAULT_STATS), nullable=True,
+                                   help="normalization stats name; null = the source's"),
+                    }})
+AUGMENTS.add("small", _small)         # the CIFAR/SVHN recipe: pad-4 random crop + flip
+AUGMENTS.add("imagenet", _imagenet)   # classifier-balancing's random resized crop + flip
+AUGMENTS.add("moco", _moco)           # MoCo v2's two aug+ views
+AUGMENTS.add("none", _none)           # normalize only
+TRANSFORM_KINDS = tuple(AUGMENTS)
 
 
 def _normalize(mean, std) -> list:

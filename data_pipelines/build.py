@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from configspec import F, Part
+
 from .augment import DEFAULT_STATS, build_transform
 from .datasets import AugmentedDataset
 from .longtail import class_counts, make_lt_subset
@@ -200,3 +202,24 @@ def check_data_paths(cfg) -> list[str]:
             and not os.path.isdir(os.path.join(root, "train")):
         problems.append(f"data.root = {root!r}: no train/ sub-folder of class folders")
     return problems
+
+
+def _check_classes(cfg, fail):
+    classes = cfg.data.classes
+    if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes)):
+        fail("data.classes", f"data.classes = {classes} must list at least two distinct class "
+                             f"ids >= 0")
+
+
+# The task and its batches; the source, the long-tail draw, the recipe and the loader declare
+# their own data.* keys (sources.py, longtail.py, augment.py, loaders.py).
+CONFIG = Part({"data": {
+    "batch_size": F("int", 128, ge=1, help="global batch, split over ranks"),
+    "eval_batch_size": F("int", 512, ge=1),
+    "check_files": F("bool", False, help="stat every listed image before training"),
+    "val_per_class": F("int", 0, ge=0, help="make a balanced 'val' split of this many unused "
+                                            "train images per class (array sources)"),
+    "classes": F("list", None, nullable=True, item="int", ge=0,
+                 help="a task of these source classes only, relabeled 0..k-1 in this "
+                      "(head-to-tail) order; null = every class"),
+}}, _check_classes, owner=__name__)

@@ -7,7 +7,9 @@ operators run in a native thread pool, and for the train crop it decodes only th
 - Input: the list file's images are read directly (raw bytes from each path, no conversion
   step); in-memory arrays (Fashion-MNIST, CIFAR) are fed as HWC uint8. Which items form which
   batch comes from OUR sampler (one external_source batch per sampler batch), so class-aware /
-  cb / sqrt sampling, DDP shards and mid-epoch resume match the torchvision loader.
+  cb / sqrt sampling, DDP shards and mid-epoch resume match the torchvision loader. Files
+  are read a few batches ahead in a thread pool (`read_ahead`), not on the training thread
+  where DALI calls the source.
 - The feeder reads the sampler when DALI first pulls from it for an epoch, and DALI pulls only
   after ``reset()``, which we call at the start of each epoch, after ``set_epoch``. An epoch
   left early is cancelled: the feeder stops, the few batches DALI prefetched are drained.
@@ -99,19 +101,24 @@ class _Feeder:
         keys = [k[0] if isinstance(k, tuple) else k for k in iter(o.sampler)]
         start, token = o.resume_from, o.token
         bs = o.batch_size
-        for b in range(start * bs, len(keys), bs):
+        batches = [keys[b:b + bs] for b in range(start * bs, len(keys), bs)]
+        if o.flat.kind == "array":       # in memory: nothing to wait for
+            ahead = ((items, [o.read(i) for i in items]) for items in batches)
+        else:
+            ahead = read_ahead(o.read, batches, depth=o.prefetch, threads=max(2, o.threads))
+        for items, read in ahead:
             if o.token != token:   # the epoch was abandoned: stop feeding
+                ahead.close()
                 return
-            items = keys[b:b + bs]
             self.recent.append(items)
-            data, labels, bad = [], [], []
-            for i in items:
-                arr, why = o.read(i)
+            data, labels, index, bad = [], [], [], []
+            for i, (arr, why) in zip(items, read):
                 if why is not None:
                     bad.append(f"{o.flat.describe(i)}: {why}")
                     continue
                 data.append(arr)
                 labels.append(o.label_arrays[i])
+                index.append(np.array([i], dtype=np.int64))
             if bad:
                 if o.on_bad_image == "fail":
                     raise DataError(f"bad image: {bad[0]}; fix or remove it, or set "
@@ -119,7 +126,36 @@ class _Feeder:
                 note_skips(o, bad)
                 if not data:
                     raise DataError(f"every image of a batch is unreadable (first: {bad[0]})")
-            yield data, labels
+            yield data, labels, index
+
+
+def read_ahead(read, batches, depth: int, threads: int):
+    """(items, [read(i) for i in items]) per batch, with the reads of up to `depth` batches
+    ahead running in a thread pool: DALI calls a (non-parallel) external source on the
+    training thread, and reading files (np.fromfile, marker checks) on Lustre/NFS takes
+    10-100+ ms per batch. The reads release the GIL; the pool lives for one epoch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="dali-read") as pool:
+        pending = collections.deque()
+        todo = iter(batches)
+
+        def submit():
+            items = next(todo, None)
+            if items is not None:
+                pending.append((items, [pool.submit(read, i) for i in items]))
+
+        for _ in range(max(1, depth)):
+            submit()
+        try:
+            while pending:
+                items, futures = pending.popleft()
+                submit()
+                yield items, [f.result() for f in futures]
+        finally:
+            for _, futures in pending:
+                for f in futures:
+                    f.cancel()
 
 
 class DaliLoader:
@@ -134,6 +170,7 @@ class DaliLoader:
         self.threads, self.device_id, self.on_bad_image = int(threads), device_id, on_bad_image
         self.prefetch, self.seed = int(prefetch), int(seed)
         self.skipped = 0
+        self.batch_indices = None   # dataset indices of the batch last yielded
         self.blacklist: dict = {}   # item -> reason, found bad after DALI failed on it
         self.token = 0
         self.resume_from = 0        # first batch (of the sampler's epoch share) to feed
@@ -174,14 +211,15 @@ class DaliLoader:
                         prefetch_queue_depth=self.prefetch)
         with pipe:
             encoded = self.flat.kind == "files"
-            raw, labels = fn.external_source(
-                source=self.feeder, num_outputs=2, batch=True, cycle="raise",
-                dtype=[types.UINT8, types.INT64], layout=[None if encoded else "HWC", None])
+            raw, labels, index = fn.external_source(
+                source=self.feeder, num_outputs=3, batch=True, cycle="raise",
+                dtype=[types.UINT8, types.INT64, types.INT64],
+                layout=[None if encoded else "HWC", None, None])
             images = _graph(self.spec, raw, encoded, self._in_channels(), gpu, self._fixed_size)
-            pipe.set_outputs(images, labels)
+            pipe.set_outputs(images, labels, index)
         pipe.build()
         self.pipe = pipe
-        self.it = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False,
+        self.it = DALIGenericIterator([pipe], ["images", "labels", "indices"], auto_reset=False,
                                       prepare_first_batch=False)
         self._state = "fresh"   # fresh | running | ended
 
@@ -241,6 +279,7 @@ class DaliLoader:
                 self._restart(delivered)       # continue the epoch where it broke
                 continue
             delivered += 1
+            self.batch_indices = out["indices"].view(-1)   # what the engine orders rows by
             yield out["images"], out["labels"].view(-1)
 
     def _rebuild_after_failure(self):

@@ -810,6 +810,7 @@ class FfcvLoader:
         self.flat = flatten_source(dataset.source)
         self.labels = torch.from_numpy(self.flat.labels)
         self.skipped = 0
+        self.batch_indices = None   # dataset indices of the batch last yielded
         meta = read_sidecar(path)
         reader = Reader(path)
         if reader.num_samples != len(self.flat) or not np.array_equal(
@@ -956,6 +957,8 @@ class FfcvLoader:
                                             f"the data set")
                         mask = torch.from_numpy(keep)
                         x, y = x[mask], y[mask]
+                        chunk = chunk[keep]
+                self.batch_indices = chunk.astype(np.int64)   # what the engine orders rows by
                 yield x, y
         finally:
             self.close()

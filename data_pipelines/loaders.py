@@ -33,11 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .augment import DEFAULT_STATS
+from configspec import F, Registry
+
+from .augment import AUGMENTS, DEFAULT_STATS
 from .sources import ArraySource, DataError, FileSource, base_indices
 
-LOADER_KINDS = ("torchvision", "dali", "ffcv", "auto")
-AUGMENT_KINDS = ("small", "imagenet", "moco", "none")
+AUGMENT_KINDS = tuple(AUGMENTS)
 BAD_IMAGE_POLICIES = ("fail", "skip")
 DEFAULT_BETON_DIR = "data/betons"
 
@@ -267,31 +268,35 @@ def _make(cfg, dataset, sampler, batch_size, seed, in_channels, train, backend):
         raise DataError(f"data.on_bad_image = {policy!r}: expected one of "
                         f"{', '.join(BAD_IMAGE_POLICIES)}")
     spec = augment_spec(cfg, train, in_channels)
-    if backend == "torchvision":
-        return _torchvision_loader(cfg, dataset, sampler, batch_size, seed, policy)
-    if backend == "dali":
-        require_backend("dali")
-        from .dali_loader import DaliLoader
+    if backend not in LOADERS or backend == "auto":
+        raise DataError(f"unknown loader backend {backend!r}; expected one of "
+                        f"{', '.join(LOADER_KINDS)}")
+    return LOADERS[backend](cfg, dataset, sampler, batch_size, seed, spec, policy)
 
-        return DaliLoader(dataset, sampler, batch_size, spec, seed=seed,
-                          threads=_threads(cfg, "dali_threads"), device_id=dali_device_id(cfg),
-                          on_bad_image=policy)
-    if backend == "ffcv":
-        require_backend("ffcv")
-        from .ffcv_loader import FfcvLoader, ensure_beton
 
-        path = ensure_beton(dataset.source, beton_dir(cfg), on_bad_image=policy)
-        dev = cuda_device()   # on a GPU, normalize there: uint8 crosses PCIe, not float32
-        return FfcvLoader(path, dataset, sampler, batch_size, spec, seed=seed,
-                          threads=_threads(cfg, "workers"), on_bad_image=policy,
-                          device=None if dev is None else torch.device("cuda", dev))
-    raise DataError(f"unknown loader backend {backend!r}; expected one of "
-                    f"{', '.join(LOADER_KINDS)}")
+def _dali_loader(cfg, dataset, sampler, batch_size, seed, spec, policy):
+    require_backend("dali")
+    from .dali_loader import DaliLoader
+
+    return DaliLoader(dataset, sampler, batch_size, spec, seed=seed,
+                      threads=_threads(cfg, "dali_threads"), device_id=dali_device_id(cfg),
+                      on_bad_image=policy)
+
+
+def _ffcv_loader(cfg, dataset, sampler, batch_size, seed, spec, policy):
+    require_backend("ffcv")
+    from .ffcv_loader import FfcvLoader, ensure_beton
+
+    path = ensure_beton(dataset.source, beton_dir(cfg), on_bad_image=policy)
+    dev = cuda_device()   # on a GPU, normalize there: uint8 crosses PCIe, not float32
+    return FfcvLoader(path, dataset, sampler, batch_size, spec, seed=seed,
+                      threads=_threads(cfg, "workers"), on_bad_image=policy,
+                      device=None if dev is None else torch.device("cuda", dev))
 
 
 # ----------------------------------------------------------------------------- torchvision
 
-def _torchvision_loader(cfg, dataset, sampler, batch_size, seed, policy):
+def _torchvision_loader(cfg, dataset, sampler, batch_size, seed, spec, policy):
     from .torchvision_loader import build_torchvision_loader
 
     # Pinned batches make the engine's non_blocking copies asynchronous (from pageable memory
@@ -301,6 +306,28 @@ def _torchvision_loader(cfg, dataset, sampler, batch_size, seed, policy):
         return build_torchvision_loader(dataset, sampler, batch_size, cfg["workers"], seed,
                                         pin_memory=pin)
     return SkippingLoader(dataset, sampler, batch_size, cfg["workers"], seed, pin_memory=pin)
+
+
+# Every backend reads data.workers and data.on_bad_image; DALI and FFCV add their own keys.
+LOADERS = Registry("data.loader", default="torchvision",
+                   help="auto = DALI on GPU if installed, else FFCV if installed and the data "
+                        "set's .beton exists, else torchvision", config={"data": {
+                            "workers": F("int", 0, ge=0, help="DataLoader workers per rank"),
+                            "on_bad_image": F("str", "fail", *BAD_IMAGE_POLICIES,
+                                              help="missing/corrupt image: stop with its path, "
+                                                   "or drop and count"),
+                        }})
+LOADERS.add("torchvision", _torchvision_loader)
+LOADERS.add("dali", _dali_loader, config={"data": {
+    "dali_threads": F("int", 0, ge=0, help="DALI threads per rank; 0 = data.workers or cores"),
+    "dali_device": F("str", "auto", "auto", "cpu", "gpu",
+                     help="DALI decoding/ops on the GPU when one is visible (auto)"),
+}})
+LOADERS.add("ffcv", _ffcv_loader, config={"data": {"beton_dir": F(
+    "str", None, nullable=True, help="FFCV .beton folder (written on first use); null = "
+                                     "data/betons")}})
+LOADERS.add("auto", choose_backend)   # resolved per data set to one of the above
+LOADER_KINDS = tuple(LOADERS)
 
 
 class _SkipBadDataset(torch.utils.data.Dataset):
@@ -313,26 +340,28 @@ class _SkipBadDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else int(key)   # (index, seed) keys too
         try:
-            return self.dataset[key]
+            return (*self.dataset[key], index)
         except DataError as exc:
-            return None, str(exc)
+            return None, str(exc), index
 
 
 def _collate_skipping(items):
     good = [it for it in items if it[0] is not None]
     bad = [it[1] for it in items if it[0] is None]
     if not good:
-        return None, None, bad
-    xs, ys = zip(*good)
-    return torch.stack(xs), torch.stack(ys), bad
+        return None, None, bad, None
+    xs, ys, index = zip(*good)
+    return torch.stack(xs), torch.stack(ys), bad, torch.tensor(index, dtype=torch.long)
 
 
 class SkippingLoader:
     """torchvision DataLoader that drops unreadable images from their batch and counts them.
 
     A batch keeps its place (the step count stays ``sampler.num_batches``, equal on every
-    rank); it only gets smaller. Each skip is logged with its path.
+    rank); it only gets smaller. Each skip is logged with its path. ``batch_indices``: the
+    dataset indices of the batch last yielded (the engine orders evaluation rows by them).
     """
 
     def __init__(self, dataset, sampler, batch_size, workers, seed, pin_memory=False):
@@ -348,12 +377,13 @@ class SkippingLoader:
                                  generator=g, persistent_workers=workers > 0,
                                  pin_memory=pin_memory)
         self.skipped = 0
+        self.batch_indices = None
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
-        for x, y, bad in self.loader:
+        for x, y, bad, index in self.loader:
             for msg in bad:
                 self.skipped += 1
                 log.warning("skipped bad image (data.on_bad_image=skip, %d so far): %s",
@@ -361,6 +391,7 @@ class SkippingLoader:
             if x is None:
                 raise DataError(f"every image of a batch is unreadable (first: {bad[0]}); "
                                 f"check the data set")
+            self.batch_indices = index
             yield x, y
 
 

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from configspec import F, Part
+
 from .sources import DataError, SubsetSource
 
 PROFILES = ("exp", "step", "none")
@@ -90,3 +92,21 @@ def make_lt_subset(source, n_max: Optional[int] = None, rho: float = 100, profil
         n_max = len(source) / num_classes
     counts = lt_counts(num_classes, n_max, rho, profile)
     return SubsetSource(source, lt_indices(source.labels, counts, seed, class_order))
+
+
+def _check_smallest_class(cfg, fail):
+    d = cfg.data
+    if d.imbalance != "none" and d.n_max is not None and lt_counts(2, d.n_max, d.rho,
+                                                                   d.imbalance)[-1] < 1:
+        fail("data.n_max", f"data.n_max = {d.n_max} with data.rho = {d.rho:g} leaves the "
+                           f"smallest class with no image (n_max / rho = {d.n_max / d.rho:g} "
+                           f"< 1): raise data.n_max or lower data.rho")
+
+
+# How the long-tailed training subset is drawn (read by make_lt_subset through build.py).
+CONFIG = Part({"data": {
+    "imbalance": F("str", "exp", *PROFILES),
+    "rho": F("float", 100.0, ge=1, help="n_max / n_min"),
+    "n_max": F("int", None, nullable=True, ge=1, help="null = len(train) / C"),
+    "lt_seed": F("int", 0, ge=0),
+}}, _check_smallest_class, owner=__name__)

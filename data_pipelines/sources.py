@@ -17,6 +17,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from configspec import F, Registry
+
 from .list_format import LIST_FORMAT, parse_list
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff",
@@ -482,8 +484,72 @@ def read_fashion_mnist(root: str = FASHION_MNIST_ROOT, train: bool = True) -> Ar
 
 # ----------------------------------------------------------------------------- dispatcher
 
-ARRAY_KINDS = ("fashion_mnist", "cifar10", "cifar100", "svhn")
-SOURCE_KINDS = ARRAY_KINDS + ("list", "folder")
+def _check_lists(cfg, fail):
+    for key in ("train_list", "test_list" if cfg.eval.split == "test" else "val_list"):
+        if not cfg.data[key]:
+            fail("data.source", f"data.source = 'list' needs data.{key} (a file of "
+                                f"'relative/path label' lines)")
+    _check_root(cfg, fail)
+
+
+def _check_root(cfg, fail):
+    if cfg.data.root is None:
+        fail("data.source", f"data.source = '{cfg.data.source}' needs data.root")
+
+
+# Every source reads these keys (the list keys: "path label" lists for `list`, optional
+# "index label" subsets of an array data set's split); each source adds its own rule.
+SOURCES = Registry("data.source", default="fashion_mnist", help="labeled data set",
+                   config={"data": {
+                       "root": F("str", None, nullable=True,
+                                 help="data root; null = the source's default"),
+                       "train_list": F("str", None, nullable=True),
+                       "val_list": F("str", None, nullable=True),
+                       "test_list": F("str", None, nullable=True),
+                       "num_classes": F("int", None, nullable=True, ge=1,
+                                        help="for list/folder sources"),
+                   }})
+
+
+def _array(read):
+    """An array data set: its official train/test split (or any split `read` knows),
+    optionally narrowed by an "index label" list."""
+    def open_split(kind, root, split, list_file, num_classes):
+        if root is None and kind != "fashion_mnist":
+            raise DataError(f"open_source: kind {kind!r} needs data.root to be set")
+        src = read(kind, root, split)
+        return read_index_list(list_file, src) if list_file else src
+    return open_split
+
+
+def _train_test(kind, split):
+    if split not in ("train", "test"):
+        raise DataError(f"open_source: {kind} has splits train/test, not {split!r}")
+    return split == "train"
+
+
+def _open_list(kind, root, split, list_file, num_classes):
+    if not list_file:
+        raise DataError(f"open_source: kind 'list' needs the {split} split's list file "
+                        f"(data list_file setting)")
+    return read_list_file(list_file, root, num_classes=num_classes)
+
+
+def _open_folder(kind, root, split, list_file, num_classes):
+    if root is None:
+        raise DataError(f"open_source: kind {kind!r} needs data.root to be set")
+    return read_image_folder(os.path.join(root, split), name=split)
+
+
+SOURCES.add("fashion_mnist", _array(lambda kind, root, split: read_fashion_mnist(
+    root or FASHION_MNIST_ROOT, train=_train_test(kind, split))))
+for _kind in ("cifar10", "cifar100"):
+    SOURCES.add(_kind, _array(lambda kind, root, split: read_cifar(
+        root, kind, train=_train_test(kind, split))), check=_check_root)
+SOURCES.add("svhn", _array(lambda kind, root, split: read_svhn(root, split)), check=_check_root)
+SOURCES.add("list", _open_list, check=_check_lists)
+SOURCES.add("folder", _open_folder, check=_check_root)
+SOURCE_KINDS = tuple(SOURCES)
 
 
 def open_source(kind: str, root: Optional[str], split: str, list_file: Optional[str] = None,
@@ -496,28 +562,7 @@ def open_source(kind: str, root: Optional[str], split: str, list_file: Optional[
     - array kinds: the official split; if ``list_file`` is given it is an "index label" list
       (see ``read_index_list``) selecting a subset of that split, e.g. a long-tailed one.
     """
-    if kind not in SOURCE_KINDS:
+    if kind not in SOURCES:
         raise DataError(f"open_source: unknown kind {kind!r}; expected one of "
-                        f"{', '.join(SOURCE_KINDS)}")
-    if kind == "list":
-        if not list_file:
-            raise DataError(f"open_source: kind 'list' needs the {split} split's list file "
-                            f"(data list_file setting)")
-        return read_list_file(list_file, root, num_classes=num_classes)
-    if root is None and kind != "fashion_mnist":
-        raise DataError(f"open_source: kind {kind!r} needs data.root to be set")
-    if kind == "folder":
-        return read_image_folder(os.path.join(root, split), name=split)
-    if kind == "fashion_mnist":
-        if split not in ("train", "test"):
-            raise DataError(f"open_source: fashion_mnist has splits train/test, not {split!r}")
-        src = read_fashion_mnist(root or FASHION_MNIST_ROOT, train=split == "train")
-    elif kind in ("cifar10", "cifar100"):
-        if split not in ("train", "test"):
-            raise DataError(f"open_source: {kind} has splits train/test, not {split!r}")
-        src = read_cifar(root, kind, train=split == "train")
-    else:
-        src = read_svhn(root, split)
-    if list_file:
-        return read_index_list(list_file, src)
-    return src
+                        f"{', '.join(SOURCES)}")
+    return SOURCES[kind](kind, root, split, list_file, num_classes)

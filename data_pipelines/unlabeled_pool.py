@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from configspec import F, Part
+
 from .build import class_order, held_out_val, labeled_split, open_task_split
-from .sources import (ConcatSource, DataError, FileSource, SubsetSource, base_indices,
+from .sources import (SOURCES, ConcatSource, DataError, FileSource, SubsetSource, base_indices,
                       open_source, read_index_list, read_list_file)
 
 POOL_FORMAT = "ltt-unlabeled-pool"
@@ -402,3 +404,51 @@ def check_pool_paths(s) -> list[str]:
         if s.get(key) and not os.path.isdir(s[key]):
             problems.append(f"semi.{key} = {s[key]!r}: folder not found")
     return problems
+
+
+# ------------------------------------------------------------------------------ config
+
+def check_pool(cfg, fail) -> None:
+    """Rules of the pool keys; the methods that read a pool run them (see Method.reads_pool)."""
+    s = cfg.semi
+
+    def bad(key, why):
+        fail(f"semi.{key}", f"semi.{key} = {s[key]!r} {why}")
+
+    for prefix in ("", "irrelevant_"):
+        if s[prefix + "source"] == "list" and not s[prefix + "list"]:
+            bad(prefix + "source", f"needs semi.{prefix}list (a file of 'relative/path label' "
+                                   f"lines)")
+    if s.pool_file is None and s.relevance < 1 and s.irrelevant_source is None \
+            and not cfg.data.classes and s.source in (None, cfg.data.source):
+        bad("relevance", "draws part of the pool from classes outside the task, but the task "
+                         "has every class of its data set: set data.classes to a subset, or "
+                         "semi.irrelevant_source to another data set")
+
+
+# The unlabeled pool D_U (paper, Sections 2-3): what `build_pool` reads. The keys of how
+# training mixes it with the labeled set belong to the methods (trainer/methods/semi_base.py).
+CONFIG = Part({"semi": {
+    "size": F("float", 5.0, gt=0, help="D_U@Nx: the pool holds N x the labeled images"),
+    "rho_u": F("float", 1.0, ge=1, help="imbalance of the pool's relevant images, in the "
+                                             "labeled set's head-to-tail class order"),
+    "relevance": F("float", 1.0, ge=0, le=1,
+                        help="share of the pool from the task's classes; the rest comes evenly "
+                             "from classes outside the task"),
+    "seed": F("int", 0, ge=0, help="which images the pool draws"),
+    "source": F("str", None, SOURCES, nullable=True,
+                     help="pool images; null = the labeled data set's unused train images"),
+    "root": F("str", None, nullable=True, help="null = data.root for the same data set"),
+    "split": F("str", "train", help="split of semi.source (e.g. 'extra' for SVHN)"),
+    "list": F("str", None, nullable=True, help="'path label' list for semi.source: list "
+                                                    "(labels in the task's class ids)"),
+    "irrelevant_source": F("str", None, SOURCES, nullable=True,
+                                help="another data set for the irrelevant share; null = the "
+                                     "pool source's classes outside data.classes"),
+    "irrelevant_root": F("str", None, nullable=True),
+    "irrelevant_split": F("str", "train"),
+    "irrelevant_list": F("str", None, nullable=True),
+    "pool_file": F("str", None, nullable=True,
+                        help="pool.json of tools/make_unlabeled_pool.py instead of the keys "
+                             "above"),
+}}, owner=__name__)

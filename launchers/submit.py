@@ -71,10 +71,26 @@ def slurm_settings(plan, args) -> dict:
     if s["gpus_per_node"] < 0:
         raise ConfigError(f"slurm.gpus_per_node = {s['gpus_per_node']} must be >= 0")
     s["tasks_per_node"] = max(1, s["gpus_per_node"])
-    if not s["cpus_per_task"]:
-        s["cpus_per_task"] = plan[0].cfg.data.workers + 1 if s["gpus_per_node"] else 1
+    s["cpus_per_task_auto"] = not s["cpus_per_task"]
+    if s["cpus_per_task_auto"]:
+        s["workers"] = plan[0].cfg.data.workers
+        s["cpus_per_task"] = default_cpus_per_task(s, node_cpus=None)
     s["world_size"] = s["nodes"] * s["tasks_per_node"]
     return s
+
+
+# CPUs per GPU task when the node size is unknown (--local, or a partition without node
+# info): 8 GPUs x 8 fit the common 64-CPU 8-GPU node.
+DEFAULT_CPUS_PER_GPU = 8
+
+
+def default_cpus_per_task(s: dict, node_cpus: int | None) -> int:
+    """1 on CPU (one thread per rank); on GPUs data.workers + 1 (the loader's workers and the
+    training thread), capped so that the node's GPU tasks fit its CPUs."""
+    if not s["gpus_per_node"]:
+        return 1
+    cap = DEFAULT_CPUS_PER_GPU if node_cpus is None else node_cpus // s["tasks_per_node"]
+    return max(1, min(s["workers"] + 1, cap))
 
 
 def check_world(plan, s: dict):
@@ -130,6 +146,8 @@ def check_cluster(s: dict):
                           f"only {total}")
     nodes = [_fields(l) for l in _scontrol("show", "node", p.get("Nodes", ""), "-o").splitlines()
              if l.strip()] if p.get("Nodes") else []
+    if s.get("cpus_per_task_auto") and nodes:
+        s["cpus_per_task"] = default_cpus_per_task(s, _node_cpus(nodes, s))
     need_cpus = s["cpus_per_task"] * s["tasks_per_node"]
     fit = [n for n in nodes if int(n.get("CPUTot", 0)) >= need_cpus]
     if nodes and len(fit) < s["nodes"]:
@@ -139,10 +157,7 @@ def check_cluster(s: dict):
                           f"only {len(fit)} node(s) of partition '{name}' have {need_cpus} CPUs "
                           f"(largest: {most})")
     if s["gpus_per_node"]:
-        def gpus(n):
-            m = re.search(r"gpu(?::[^:,(]+)?:(\d+)", n.get("Gres", ""))
-            return int(m.group(1)) if m else 0
-        fit = [n for n in nodes if gpus(n) >= s["gpus_per_node"]]
+        fit = [n for n in nodes if _gres_gpus(n) >= s["gpus_per_node"]]
         if len(fit) < s["nodes"]:
             raise SubmitError(f"{s['gpus_per_node']} GPUs per node (--gpus-per-node / "
                               f"slurm.gpus_per_node): only {len(fit)} node(s) of "
@@ -152,6 +167,19 @@ def check_cluster(s: dict):
         raise SubmitError(f"{s['timeout_min']} min (--timeout / slurm.timeout_min) exceeds partition '{name}' "
                           f"MaxTime {limit}")
     s["partition"] = name
+
+
+def _node_cpus(nodes: list[dict], s: dict) -> int:
+    """CPUs of the smallest node the job would need: the nodes-th largest among those with
+    enough GPUs (all nodes when too few have them; the GPU check then refuses)."""
+    with_gpus = [n for n in nodes if _gres_gpus(n) >= s["gpus_per_node"]] or nodes
+    cpus = sorted((int(n.get("CPUTot", 0)) for n in with_gpus), reverse=True)
+    return cpus[min(s["nodes"], len(cpus)) - 1]
+
+
+def _gres_gpus(node: dict) -> int:
+    m = re.search(r"gpu(?::[^:,(]+)?:(\d+)", node.get("Gres", ""))
+    return int(m.group(1)) if m else 0
 
 
 def _minutes(text: str) -> int:
@@ -435,7 +463,8 @@ def parse_args(argv=None):
     p.add_argument("--gpus-per-node", dest="gpus_per_node", type=int,
                    help="GPUs per node, one task (rank) each; 0 = CPU, one task per node")
     p.add_argument("--cpus-per-task", dest="cpus_per_task", type=int,
-                   help="CPUs (torch threads) per task; default 1 on CPU, data.workers+1 on GPU")
+                   help="CPUs (torch threads) per task; default 1 on CPU, data.workers+1 on GPU "
+                        "capped to the node's CPUs / GPUs (8 when unknown)")
     p.add_argument("--partition", help="default: the cluster's default partition")
     p.add_argument("--timeout", type=int, help="minutes per attempt")
     p.add_argument("--mem", type=float, help="GB per node")

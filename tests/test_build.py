@@ -5,7 +5,7 @@ import torch
 from data_pipelines.build import build_data
 from data_pipelines.sources import DataError
 from tests.conftest import needs_fmnist
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 
 pytestmark = needs_fmnist
 
@@ -61,5 +61,9 @@ def test_errors_name_the_problem(tmp_path):
         bundle.eval_loader("val")
     with pytest.raises(DataError, match="dataset-fashion-mnist"):
         build_data(data_cfg(f"data.root={tmp_path}"))
+    with pytest.raises(ConfigError, match=r"data.stats = 'mnist' is not allowed"):
+        data_cfg("data.stats=mnist")           # the config refuses it before anything runs
+    cfg = data_cfg()
+    cfg.stats = "mnist"                        # and the data pipeline still names it
     with pytest.raises(DataError, match="normalization statistics"):
-        build_data(data_cfg("data.stats=mnist"))
+        build_data(cfg)

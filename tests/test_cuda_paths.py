@@ -1,6 +1,7 @@
 """CUDA-path defects of the GPU first-contact issue, checked on CPU: deterministic pooling,
 float32 similarities under bf16 autocast, pinned torchvision batches, the faiss GPU device,
 Slurm rendezvous and device binding. What only a GPU can show is in tools/gpu_check.py."""
+import inspect
 import sys
 import types
 
@@ -104,7 +105,9 @@ def test_torchvision_loader_pins_memory_when_cuda_is_there(monkeypatch, policy, 
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     data = [(torch.zeros(1, 4, 4), torch.tensor(0))] * 4
-    loader = loaders._torchvision_loader({"workers": 0}, data, range(4), 2, 0, policy)
+    build = loaders._torchvision_loader
+    extra = {"spec": None} if "spec" in inspect.signature(build).parameters else {}
+    loader = build({"workers": 0}, data, range(4), batch_size=2, seed=0, policy=policy, **extra)
     dl = loader if policy == "fail" else loader.loader   # built, never iterated: no pinning here
     assert dl.pin_memory is cuda
 
@@ -144,3 +147,135 @@ def test_faiss_gpu_index_goes_to_this_process_device(monkeypatch):
     build_index(ref.astype(np.float32), float16=True)   # asked for
     build_index(ref.astype(np.float16), float16=False)
     assert calls == [(3, False), (3, True), (3, True), (3, False)]
+
+
+# ------------------------------------------------------------------ item 4: srun, one GPU per task
+
+def test_first_host_of_slurm_node_lists():
+    from trainer.distributed import first_host
+
+    assert first_host("node[01-04]") == "node01"
+    assert first_host("gpu[07-10,12],cpu1") == "gpu07"
+    assert first_host("gpu[12,07-10]") == "gpu12"
+    assert first_host("rack[1-2]-n[01-04]") == "rack1-n01"
+    assert first_host("alpha,beta") == "alpha"
+    assert first_host("solo") == "solo"
+    with pytest.raises(ValueError, match="without"):
+        first_host("node[01-04")
+
+
+def _slurm_env(monkeypatch, **env):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT", "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST",
+              "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_srun_tasks_derive_the_rendezvous(monkeypatch):
+    import os
+
+    from trainer import distributed as d
+
+    _slurm_env(monkeypatch, SLURM_PROCID="3", SLURM_NTASKS="8", SLURM_LOCALID="3",
+               SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]")
+    assert d.env_ranks()[:3] == (3, 8, 3)
+    d.slurm_rendezvous()
+    assert os.environ["MASTER_ADDR"] == "gpu07"
+    assert os.environ["MASTER_PORT"] == str(d.slurm_port("4242")) and \
+        1024 < d.slurm_port("4242") < 32768
+    monkeypatch.setenv("MASTER_ADDR", "given")      # torchrun / submitit / the user win
+    d.slurm_rendezvous()
+    assert os.environ["MASTER_ADDR"] == "given"
+
+
+def test_slurm_allocation_without_a_task_runs_alone(monkeypatch):
+    """A plain `python` in an salloc shell sees SLURM_NTASKS of the allocation, not a rank."""
+    from trainer import distributed as d
+
+    _slurm_env(monkeypatch, SLURM_NTASKS="8", SLURM_JOB_ID="1")
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    assert d.env_ranks()[:2] == (0, 1)
+
+
+@pytest.mark.parametrize("local_rank,count,want", [(3, 1, 0), (5, 4, 1), (2, 8, 2)])
+def test_device_is_local_rank_modulo_visible_gpus(monkeypatch, local_rank, count, want):
+    from trainer import distributed as d
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert d.pick_device("auto", local_rank) == torch.device("cuda", want)
+    assert chosen == [want]
+
+
+def test_two_srun_tasks_form_a_group_from_slurm_variables_only(tmp_path):
+    """What `srun -n 2 python launchers/train.py` gives each task: SLURM_* only."""
+    import os
+    import socket
+    import subprocess
+
+    from tests.conftest import ROOT
+    from trainer.distributed import slurm_port
+
+    job = 1000
+    while True:   # a job id whose derived port is free here
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", slurm_port(str(job))))
+                break
+            except OSError:
+                job += 1
+    code = ("import torch, torch.distributed as dist; from trainer import distributed as d; "
+            "info = d.setup('cpu'); t = torch.tensor([info.rank + 1.0]); dist.all_reduce(t); "
+            "print(info.rank, info.world_size, int(t.item())); d.cleanup()")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_")) and
+            k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**base, "PYTHONPATH": ROOT, "SLURM_PROCID": str(r),
+                                   "SLURM_LOCALID": str(r), "SLURM_NTASKS": "2",
+                                   "SLURM_JOB_ID": str(job), "SLURM_JOB_NODELIST": "localhost",
+                                   "OMP_NUM_THREADS": "1"}) for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [o.strip().splitlines()[-1] for o in outs] == ["0 2 3", "1 2 3"]
+
+
+def _submit_settings(workers: int, gpus: int, nodes: int = 1):
+    import argparse
+
+    from launchers import submit
+    from trainer.config import load_config
+
+    cfg = load_config(None, [f"data.workers={workers}"])
+    plan = [types.SimpleNamespace(cfg=cfg, name="x")]
+    args = argparse.Namespace(nodes=nodes, gpus_per_node=gpus, cpus_per_task=None,
+                              partition=None, timeout=None, mem=None)
+    return submit.slurm_settings(plan, args)
+
+
+@pytest.mark.parametrize("node_cpus,want", [(64, 8), (128, 9), (32, 4)])
+def test_default_cpus_per_task_fits_the_partition_nodes(monkeypatch, node_cpus, want):
+    """8 GPUs x (workers 8 + 1) = 72 CPUs would be refused by 64-CPU nodes."""
+    from launchers import submit
+
+    def scontrol(*args):
+        if args[:2] == ("show", "partition"):
+            return "PartitionName=gpu Default=YES State=UP TotalNodes=2 Nodes=g[1-2] " \
+                   "MaxTime=UNLIMITED\n"
+        return "".join(f"NodeName=g{i} CPUTot={node_cpus} Gres=gpu:8\n" for i in (1, 2))
+
+    monkeypatch.setattr(submit, "_scontrol", scontrol)
+    monkeypatch.setattr(submit.shutil, "which", lambda name: "/usr/bin/" + name)
+    s = _submit_settings(workers=8, gpus=8, nodes=2)
+    submit.check_cluster(s)
+    assert s["cpus_per_task"] == want
+
+
+def test_default_cpus_per_task_without_node_info():
+    assert _submit_settings(workers=8, gpus=8)["cpus_per_task"] == 8   # DEFAULT_CPUS_PER_GPU
+    assert _submit_settings(workers=3, gpus=8)["cpus_per_task"] == 4
+    assert _submit_settings(workers=8, gpus=0)["cpus_per_task"] == 1

@@ -387,3 +387,36 @@ def test_engine_trains_fashion_mnist_lt_end_to_end(backend, tiny, tmp_path, beto
     assert res["epochs"] == 1 and res["global_step"] == sum(res["class_counts"]) // 32
     assert np.isfinite(res["balanced_error"]) and res["balanced_error"] < 90
     assert (tmp_path / backend / "results.json").exists()
+
+
+@each_backend
+def test_skipping_loaders_report_the_dataset_indices_they_delivered(backend, bad_list, betons,
+                                                                   tmp_path):
+    """The engine orders evaluation rows by these (a skipped image must not shift the rows
+    after it, nor mix up the ranks' shards)."""
+    sampler = SequentialSampler(len(bad_list), world_size=2, rank=1)   # items 1, 3, 5, ...
+    loader = make(backend, bad_list, "imagenet", False, sampler, str(tmp_path / "s"),
+                  size=48, stats="imagenet", batch=4, on_bad_image="skip")
+    got = []
+    for x, y in loader:
+        ids = torch.as_tensor(loader.batch_indices).tolist()
+        assert len(ids) == len(x) == len(y)
+        got += ids
+    assert got == [i for i in range(1, len(bad_list), 2) if i not in (5, 13, 22)]
+
+
+def test_dali_reads_files_off_the_training_thread(jpegs, betons, monkeypatch):
+    """DALI calls a non-parallel external source on the thread that runs the pipeline (the
+    training thread); the feeder's file reads go to a thread pool instead."""
+    import threading
+
+    need("dali")
+    from data_pipelines.dali_loader import DaliLoader
+
+    threads, read = set(), DaliLoader.read
+    monkeypatch.setattr(DaliLoader, "read", lambda self, i: (
+        threads.add(threading.current_thread().name), read(self, i))[1])
+    loader = make("dali", jpegs, "imagenet", False, SequentialSampler(len(jpegs)), betons,
+                  size=48, stats="imagenet", batch=8)
+    assert sum(len(y) for _, y in loader) == len(jpegs)
+    assert threads and all(t.startswith("dali-read") for t in threads), threads

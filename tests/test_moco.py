@@ -77,7 +77,7 @@ def test_shuffled_keys_come_back_in_original_order():
     for step in (0, 1, 2):
         m.global_step = step
         m.key_model.train()
-        shuffled = m.keys(im_k)
+        shuffled = m.keys(im_k)[0]
         direct = F.normalize(m.key_model(im_k).float(), dim=1)
         torch.testing.assert_close(shuffled, direct, rtol=1e-4, atol=1e-5)
 
@@ -87,7 +87,7 @@ def test_split_bn_keys_depend_on_the_shuffle():
     m = make_moco(batch=8, splits=2)
     im_k = torch.randn(8, 1, 28, 28)
     m.global_step = 0
-    a = m.keys(im_k)
+    a = m.keys(im_k)[0]
     direct = F.normalize(m.key_model(im_k).float(), dim=1)
     assert not torch.allclose(a, direct, atol=1e-4)
 
@@ -119,3 +119,113 @@ def test_two_process_moco_matches_one_process_with_two_bn_groups(tmp_path, small
     qa, qb = load("one", "checkpoint_last.pt")["method"], load("two", "checkpoint_last.pt")["method"]
     torch.testing.assert_close(qa["queue"], qb["queue"], rtol=1e-3, atol=1e-4)
     assert qa["queue_ptr"] == qb["queue_ptr"] == 240 // 16 * 16 % 32
+
+
+# ------------------------------------------------------------------ uneven batches, all_to_all
+
+def test_queue_ring_write_wraps_for_any_batch_size():
+    """Skipped images make the global batch shrink: the pointer must not drift off the end."""
+    m = make_moco(batch=4, queue=12)
+    ring = [None] * 12
+    written = 0
+    for n in (4, 3, 4, 5, 2, 15):
+        m.enqueue(torch.arange(written, written + n, dtype=torch.float).view(n, 1).expand(n, 8))
+        for v in range(max(written, written + n - 12), written + n):
+            ring[v % 12] = float(v)
+        written += n
+        assert m.queue_ptr == written % 12
+        assert m.queue[0].tolist() == [r if r is not None else m.queue[0, i].item()
+                                       for i, r in enumerate(ring)], n
+
+
+@pytest.mark.parametrize("sizes", [[4, 4], [5, 2], [1, 3, 6], [0, 2, 3, 3]])
+def test_shuffle_plan_sends_each_rank_only_the_images_it_encodes(sizes):
+    """Simulated all_to_all over every rank: rank r ends up with exactly its slice of the
+    shuffled global batch (what the old all-gather of every image computed), and receives
+    sizes[r] images, not the whole global batch."""
+    from trainer.methods.moco import shuffle_plan
+
+    n, world = sum(sizes), len(sizes)
+    images = torch.arange(n * 3, dtype=torch.float).view(n, 3)
+    starts = [sum(sizes[:r]) for r in range(world)]
+    local = [images[s:s + k] for s, k in zip(starts, sizes)]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    plans = [shuffle_plan(perm, sizes, r) for r in range(world)]
+    sent = [list(local[r][p[0]].split(p[1])) for r, p in enumerate(plans)]
+    for r, (_, _, recv_counts, recv_pos) in enumerate(plans):
+        got = torch.cat([sent[s][r] for s in range(world)])
+        assert [len(sent[s][r]) for s in range(world)] == recv_counts
+        out = torch.empty_like(got)
+        out[recv_pos] = got
+        assert len(got) == sizes[r]
+        assert torch.equal(out, images[perm][starts[r]:starts[r] + sizes[r]])
+
+
+UNEVEN_STEPS = [(5, 2), (3, 4), (1, 5), (4, 4)]      # local batch of rank 0, rank 1
+
+
+def _uneven_views(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(sum(UNEVEN_STEPS[step]), 2, 1, 28, 28, generator=g)
+
+
+def _uneven_moco(rank, world):
+    cfg = load_config(None, ["model.name=mlp", "data.image_size=28", "moco.queue=12",
+                             "moco.dim=8", "moco.momentum=0.9", f"moco.bn_splits={world}",
+                             "data.batch_size=4", "data.augment=moco", "method.name=moco",
+                             "data.on_bad_image=skip"])
+    data = SimpleNamespace(world_size=world, rank=rank, local_batch=4 // world, in_channels=1,
+                           num_classes=10, class_counts=[1] * 10)
+    torch.manual_seed(0)
+    return MoCo(cfg, data, torch.device("cpu"))
+
+
+def _uneven_worker(out):
+    from trainer import distributed as dist_utils
+    info = dist_utils.setup("cpu")
+    torch.set_num_threads(1)
+    m = _uneven_moco(info.rank, info.world_size)
+    sent = []
+    exchange = dist_utils.all_to_all_rows
+    dist_utils.all_to_all_rows = lambda rows, s, r: (sent.append((str(rows.dtype), len(rows))),
+                                                    exchange(rows, s, r))[1]
+    losses = []
+    for step, sizes in enumerate(UNEVEN_STEPS):
+        views = _uneven_views(step)
+        start = sum(sizes[:info.rank])
+        mine = views[start:start + sizes[info.rank]]
+        m.global_step = step
+        loss, _ = m.training_step(m.model, (mine, torch.zeros(len(mine), dtype=torch.long)))
+        losses.append(loss.item())
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # images travel in the training dtype
+        m.keys(mine[:, 1].contiguous())
+    torch.save({"losses": losses, "queue": m.queue, "ptr": m.queue_ptr, "sent": sent},
+               f"{out}/rank{info.rank}.pt")
+
+
+def test_two_processes_with_unequal_local_batches(tmp_path):
+    """A BatchNorm-free encoder makes keys independent of the grouping, so 2 processes with
+    unequal local batches must give each rank the loss of its own rows and both the queue of
+    one process; each rank sends and receives only the images it encodes."""
+    from trainer import distributed as dist_utils
+
+    dist_utils.run_local(_uneven_worker, 2, {"out": str(tmp_path)})
+    ref = _uneven_moco(0, 1)
+    ref_losses = [[], []]
+    for step, sizes in enumerate(UNEVEN_STEPS):
+        views = _uneven_views(step)
+        ref.momentum_update()
+        q = F.normalize(ref.model(views[:, 0].contiguous()).float(), dim=1)
+        k = F.normalize(ref.key_model(views[:, 1].contiguous()).float(), dim=1)
+        logits = info_nce_logits(q, k, ref.queue.clone(), ref.cfg.moco.temperature)
+        for r, part in enumerate(logits.split(list(sizes))):
+            ref_losses[r].append(F.cross_entropy(
+                part, torch.zeros(len(part), dtype=torch.long)).item())
+        ref.enqueue(k)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert got["losses"] == pytest.approx(ref_losses[r], rel=1e-5, abs=1e-6)
+        torch.testing.assert_close(got["queue"], ref.queue)
+        assert got["ptr"] == ref.queue_ptr == sum(map(sum, UNEVEN_STEPS)) % 12
+        assert [n for _, n in got["sent"]][:-1] == [s[r] for s in UNEVEN_STEPS]
+        assert got["sent"][-1][0] == str(torch.bfloat16)

@@ -184,7 +184,8 @@ def markdown(report: dict) -> str:
              "| part | issue | status | seconds | result |", "|---|---|---|---|---|"]
     for p in report["parts"]:
         why = p.get("error") or p.get("reason") or "; ".join(
-            f"{c['name']}: {_fmt(c['value'])}" for c in p.get("checks", [])[:3])
+            f"{c['name']}: {_fmt(c['value'])}{' (not judged)' if c['ok'] is None else ''}"
+            for c in p.get("checks", [])[:3])
         lines.append(f"| {p['name']} | {p['covers']} | **{p['status']}** | "
                      f"{p.get('seconds', 0):.1f} | {why.replace('|', '/')[:300]} |")
     for p in report["parts"]:

@@ -187,7 +187,7 @@ def part_dali_slow_read(ctx: Ctx) -> dict:
             n += 1
         return (time.perf_counter() - t0) / max(1, n)
 
-    batches = 3 if ctx.smoke else 8
+    batches = 7 if ctx.smoke else 15
     normal = per_batch(0, batches)
     np.fromfile = slow_fromfile
     try:
@@ -278,7 +278,8 @@ def part_moco_exchange(ctx: Ctx) -> dict:
     from trainer.distributed import free_port
 
     world, out = 2, os.path.join(ctx.work, "exchange.json")
-    c = mp.get_context("fork")
+    # fork is quick, but not from a process that has started CUDA (it has on a GPU machine)
+    c = mp.get_context("spawn" if ctx.cuda else "fork")
     port = free_port()
     procs = [c.Process(target=_exchange_worker, args=(r, world, port, ctx, out))
              for r in range(world)]

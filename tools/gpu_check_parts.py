@@ -258,6 +258,8 @@ def bare_loop(model, images, labels, amp: str, device, compile_: bool):
 # --------------------------------------------------------------------------- parts
 
 def part_environment(ctx: Ctx) -> dict:
+    """Versions (Python, torch, CUDA, cuDNN, NCCL, torchvision, DALI, FFCV, faiss), the GPU's
+    name, memory and compute capability; on a GPU run, that CUDA is visible at all."""
     import platform
 
     fig = {"python": platform.python_version(), "torch": torch.__version__,
@@ -270,7 +272,7 @@ def part_environment(ctx: Ctx) -> dict:
         fig.update(gpus=torch.cuda.device_count(), gpu=p.name,
                    gpu_memory_gib=round(p.total_memory / 2 ** 30, 1),
                    capability=f"{p.major}.{p.minor}", cudnn=torch.backends.cudnn.version(),
-                   nccl=".".join(map(str, torch.cuda.nccl.version())),
+                   nccl=str(torch.cuda.nccl.version()),
                    bf16_supported=torch.cuda.is_bf16_supported())
     for name, dist_name in (("dali", "nvidia-dali-cuda130"), ("ffcv", "ffcv"),
                             ("faiss", None)):
@@ -420,6 +422,7 @@ def _end_to_end(ctx: Ctx, backend: str) -> dict:
     loader_rate = n_img[0] / sec
     trainer.train_epoch()                                   # warm-up epoch
     steps = sampler.num_batches
+    reset_peak(ctx.device)
     sec = timed(ctx.device, trainer.train_epoch)
     rate = steps * s.batch / sec
     release(trainer)

@@ -39,23 +39,79 @@ def _env_int(*names, default=None):
 
 
 def env_ranks() -> tuple[int, int, int, int]:
-    """(rank, world, local_rank, local_world) from torchrun's or Slurm's variables."""
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    local_world = _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=None)
+    """(rank, world, local_rank, local_world) from torchrun's or Slurm's variables. Slurm's
+    count only inside a task (srun sets SLURM_PROCID): a plain `python` in an salloc shell,
+    where SLURM_NTASKS describes the allocation, runs alone."""
+    slurm = "SLURM_PROCID" in os.environ
+    rank = _env_int("RANK", *(["SLURM_PROCID"] if slurm else []), default=0)
+    world = _env_int("WORLD_SIZE", *(["SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"] if slurm else []),
+                     default=1)
+    local_rank = _env_int("LOCAL_RANK", *(["SLURM_LOCALID"] if slurm else []), default=0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", *(["SLURM_NTASKS_PER_NODE"] if slurm else []),
+                           default=None)
     if local_world is None:
         local_world = world if world == 1 else max(1, torch.cuda.device_count() or 1)
     return rank, world, local_rank, local_world
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list in its compact form: 'gpu[07-10,12],cpu1' ->
+    'gpu07', 'rack[1-2]-n[01-04]' -> 'rack1-n01' (what `scontrol show hostnames` prints first)."""
+    out, depth, i = [], 0, 0
+    while i < len(nodelist):
+        c = nodelist[i]
+        if c == "," and depth == 0:
+            break
+        if c == "[":
+            end = nodelist.find("]", i)
+            if end < 0:
+                raise ValueError(f"Slurm node list {nodelist!r}: '[' without ']'")
+            out.append(nodelist[i + 1:end].split(",")[0].split("-")[0])
+            i = end + 1
+            continue
+        out.append(c)
+        i += 1
+    host = "".join(out).strip()
+    if not host:
+        raise ValueError(f"Slurm node list {nodelist!r}: no host name")
+    return host
+
+
+def slurm_port(job_id: str, step_id: str | None = None) -> int:
+    """A rendezvous port every task of a Slurm job step derives alike (below the ephemeral
+    range, so an outgoing connection rarely holds it)."""
+    return 15000 + (int(job_id) * 8 + int(step_id or 0)) % 17000
+
+
+def slurm_rendezvous() -> None:
+    """`srun python launchers/train.py`: Slurm gives each task its rank but no MASTER_ADDR /
+    MASTER_PORT for env:// initialisation; derive them from the step's first node (where task
+    0 runs) and the job id, unless set already (torchrun, submitit, the user)."""
+    env = os.environ
+    if "SLURM_PROCID" not in env or not env.get("SLURM_JOB_ID"):
+        return
+    if not env.get("MASTER_ADDR"):
+        nodes = next((env[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST",
+                                       "SLURM_NODELIST") if env.get(k)), None)
+        if nodes is None:
+            raise RuntimeError("running under Slurm (SLURM_PROCID is set) without MASTER_ADDR "
+                               "and without SLURM_JOB_NODELIST: set MASTER_ADDR to the first "
+                               "node of the job")
+        env["MASTER_ADDR"] = first_host(nodes)
+    if not env.get("MASTER_PORT"):
+        env["MASTER_PORT"] = str(slurm_port(env["SLURM_JOB_ID"], env.get("SLURM_STEP_ID")))
+
+
 def pick_device(choice: str = "auto", local_rank: int = 0) -> torch.device:
+    """The CUDA device of this local rank; modulo the visible count, for clusters that bind
+    one GPU per task (each task then sees its GPU as device 0 whatever its local rank)."""
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("engine.device = 'cuda' but no CUDA device is visible")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def batch_to_device(batch, device: torch.device, memory_format=torch.contiguous_format):
@@ -72,6 +128,7 @@ def setup(device_choice: str = "auto", backend: str = "auto") -> DistInfo:
     rank, world, local_rank, local_world = env_ranks()
     device = pick_device(device_choice, local_rank)
     if world > 1 and not dist.is_initialized():
+        slurm_rendezvous()
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "gloo":
@@ -107,20 +164,44 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor from every rank along dim 0 (sizes may differ by rank)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+def _enabled() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_sizes(n: int, device) -> list[int]:
+    """Every rank's `n`, in rank order: one small all_gather and one host sync (the device
+    is the backend's: CUDA for NCCL)."""
+    if not _enabled():
+        return [int(n)]
+    t = torch.tensor([int(n)], device=device)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts).tolist()
+
+
+def all_gather_cat(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate a tensor from every rank along dim 0 (sizes may differ by rank). With the
+    ranks' `sizes` known already, no size exchange and no host sync."""
+    if not _enabled():
         return t
-    world = dist.get_world_size()
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    max_n = int(max(s.item() for s in sizes))
-    pad = torch.zeros((max_n - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-    buf = [torch.empty((max_n,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-           for _ in range(world)]
-    dist.all_gather(buf, torch.cat([t, pad]))
-    return torch.cat([b[: int(s.item())] for b, s in zip(buf, sizes)])
+    if sizes is None:
+        sizes = gather_sizes(t.shape[0], t.device)
+    max_n = max(sizes)
+    pad = t.new_zeros((max_n - t.shape[0],) + tuple(t.shape[1:]))
+    buf = [t.new_empty((max_n,) + tuple(t.shape[1:])) for _ in sizes]
+    dist.all_gather(buf, torch.cat([t, pad]) if len(pad) else t.contiguous())
+    return torch.cat([b[:n] for b, n in zip(buf, sizes)])
+
+
+def all_to_all_rows(rows: torch.Tensor, send_counts: list[int],
+                    recv_counts: list[int]) -> torch.Tensor:
+    """Rows [sum(send_counts), ...] cut in rank order, the r-th piece sent to rank r; returns
+    the pieces received from ranks 0, 1, ... concatenated (gloo and NCCL both support it)."""
+    if not _enabled():
+        return rows
+    out = rows.new_empty((sum(recv_counts),) + tuple(rows.shape[1:]))
+    dist.all_to_all_single(out, rows.contiguous(), recv_counts, send_counts)
+    return out
 
 
 def rank_ordered_mean_hook(state, bucket):

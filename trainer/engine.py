@@ -266,25 +266,47 @@ class Trainer:
         return pred.long().cpu().numpy(), true.cpu().numpy()
 
     @torch.no_grad()
-    def embed(self, split: str, fn) -> tuple[torch.Tensor, torch.Tensor]:
-        """fn(images) for every sample of a split, in dataset order, on every rank (float32)."""
+    def embed(self, split: str, fn, gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """fn(images) for every sample of a split, in dataset order, on every rank (float32);
+        an image the loader skipped (data.on_bad_image: skip) has no row. gather=False: this
+        rank's shard only, in its loader's order. Every rank calls fn equally often (with an
+        empty batch where its shard ends early), so fn may use collectives."""
         was_training = self.model.training
         self.model.eval()
-        feats, labels = [], []
-        for batch in self.data.eval_loader(split):
+        loader = self.data.eval_loader(split)
+        counts = dist_utils.gather_sizes(len(loader), self.device)
+        feats, labels, index, images = [], [], [], None
+        for batch in loader:
             images, y = self._to_device(batch)
             with self.autocast():
                 feats.append(fn(images).float())
             labels.append(y)
+            ids = getattr(loader, "batch_indices", None)   # the items it delivered, if told
+            index.append(None if ids is None else torch.as_tensor(ids, dtype=torch.long))
+        if max(counts) > len(feats):
+            if min(counts) == 0:     # no batch here: take the image shape from a rank with one
+                shape = dist_utils.broadcast_object(None if images is None else images.shape,
+                                                    src=counts.index(max(counts)))
+                images = torch.empty((0, *shape[1:]), device=self.device)
+                y = torch.empty(0, dtype=torch.long, device=self.device)
+            for _ in range(max(counts) - len(feats)):
+                with self.autocast():
+                    feats.append(fn(images[:0]).float())
+                labels.append(y[:0])
         if was_training:
             self.train_model.train()
-        feats = dist_utils.all_gather_cat(torch.cat(feats))
-        labels = dist_utils.all_gather_cat(torch.cat(labels))
-        n, w = len(labels), self.info.world_size   # rank r held samples r, r+w, ...
-        order = torch.cat([torch.arange(r, n, w) for r in range(w)]).to(feats.device)
-        out_f, out_y = torch.empty_like(feats), torch.empty_like(labels)
-        out_f[order], out_y[order] = feats, labels
-        return out_f, out_y
+        feats, labels = torch.cat(feats), torch.cat(labels)
+        if not gather:
+            return feats, labels
+        w, r = self.info.world_size, self.info.rank
+        if any(i is None for i in index):   # no skips possible: rank r held r, r+w, ...
+            order = torch.arange(len(labels)) * w + r
+        else:
+            order = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+        sizes = dist_utils.gather_sizes(len(labels), self.device)
+        order = dist_utils.all_gather_cat(order.to(self.device), sizes).argsort()
+        return (dist_utils.all_gather_cat(feats, sizes)[order],
+                dist_utils.all_gather_cat(labels, sizes)[order])
 
     def evaluate(self, split: str | None = None) -> dict:
         split = split or self.cfg.eval.split

@@ -11,8 +11,8 @@ import copy
 import os
 from dataclasses import dataclass
 
-from .config import (SCHEMA, Config, ConfigError, _load_file, _merge, check_consistency, check_required,
-                     parse_override, resolve)
+from .config import (Config, ConfigError, _load_file, _merge, check_consistency, check_required,
+                     parse_override, resolve, schema)
 from .pseudo_labels import FILE as PSEUDO_LABELS
 
 
@@ -58,7 +58,9 @@ def load_plan(path: str, overrides: list[str] = ()) -> list[Stage]:
             raise ConfigError(f"{where}: stages[{i}] needs a 'name'")
         if names.count(name) > 1:
             raise ConfigError(f"{where}: stage name '{name}' is used twice")
-        if name in SCHEMA:
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise ConfigError(f"{where}: stage name '{name}' must be a plain folder name")
+        if name in schema().sections:
             raise ConfigError(f"{where}: stage name '{name}' is also a config section; "
                               f"choose another (overrides like {name}.key=... would be ambiguous)")
 
@@ -116,6 +118,15 @@ def _resolve_references(plan: list[Stage], where: str):
                                   f"(earlier stages: {', '.join(done) or 'none'})")
             stage.cfg[section][key] = os.path.join(done[ref], file)
         done[stage.name] = stage.run_dir
+
+
+def check_world(plan: list[Stage], world: int, how: str):
+    """What a run would only find out once its processes start: every stage must split its
+    batches over `world` ranks (`how` says where that number came from, for the message)."""
+    from .methods import METHODS
+    for stage in plan:
+        for problem in METHODS[stage.cfg.method.name].check_world(stage.cfg, world):
+            raise ConfigError(f"stage '{stage.name}': {problem} ({how})")
 
 
 def describe_plan(plan: list[Stage]) -> str:

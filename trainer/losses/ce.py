@@ -9,6 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import configspec as spec
+
+from . import LOSSES
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -48,6 +52,11 @@ class ClassWeightedLoss(nn.Module):
             )
         self.class_weights = w
 
+    @classmethod
+    def from_config(cls, c, class_counts: Sequence[int]) -> "ClassWeightedLoss":
+        """Build from the `loss` section; a loss with keys of its own overrides this."""
+        return cls(class_counts)
+
     def _weights_for(self, logits: torch.Tensor) -> torch.Tensor | None:
         # The caller may set CPU weights on a GPU module, and .to() may change their dtype;
         # every loss here computes in float32, so hand back float32 weights on the logits' device.
@@ -56,6 +65,8 @@ class ClassWeightedLoss(nn.Module):
         return self.class_weights.to(device=logits.device, dtype=torch.float32)
 
 
+@LOSSES.register("ce", config={"loss": {"label_smoothing": spec.F(
+    "float", 0.0, ge=0, lt=1, help="ce: weight of the uniform target mixed into the label")}})
 class CrossEntropyLoss(ClassWeightedLoss):
     """Cross-entropy with optional class weights and label smoothing (torch semantics).
 
@@ -72,6 +83,10 @@ class CrossEntropyLoss(ClassWeightedLoss):
     ):
         super().__init__(class_counts, class_weights, reduction)
         self.label_smoothing = float(label_smoothing)
+
+    @classmethod
+    def from_config(cls, c, class_counts):
+        return cls(class_counts, label_smoothing=c.label_smoothing)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with no_autocast(logits.device.type):

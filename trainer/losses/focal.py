@@ -7,9 +7,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+import configspec as spec
+
+from . import LOSSES
 from .ce import ClassWeightedLoss, no_autocast
 
 
+@LOSSES.register("focal", config={"loss": {"focal_gamma": spec.F(
+    "float", 1.0, ge=0, help="focal: exponent of (1 - p_y); 0 = plain cross-entropy")}})
 class FocalLoss(ClassWeightedLoss):
     """Per sample w_y * (1 - p_y)^gamma * CE, then the mean over the batch.
 
@@ -31,6 +36,10 @@ class FocalLoss(ClassWeightedLoss):
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.gamma = float(gamma)
+
+    @classmethod
+    def from_config(cls, c, class_counts):
+        return cls(class_counts, gamma=c.focal_gamma)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with no_autocast(logits.device.type):

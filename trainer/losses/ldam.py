@@ -7,6 +7,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+import configspec as spec
+
+from . import LOSSES
 from .ce import ClassWeightedLoss, no_autocast
 
 
@@ -22,6 +25,14 @@ def ldam_margins(class_counts: Sequence[int], max_m: float = 0.5) -> torch.Tenso
     return (margins * (max_m / margins.max())).to(torch.float32)
 
 
+def check_cosine_head(cfg, fail):
+    if cfg.model.head != "cosine":
+        fail("loss.name", "loss.name = 'ldam' needs a cosine classifier; set model.head: cosine")
+
+
+@LOSSES.register("ldam", check=check_cosine_head, config={"loss": {
+    "ldam_max_m": spec.F("float", 0.5, ge=0, help="ldam: margin of the rarest class"),
+    "ldam_s": spec.F("float", 30.0, gt=0, help="ldam: scale of the cosine logits")}})
 class LDAMLoss(ClassWeightedLoss):
     """Cross-entropy on s * (cos_logits - m_y * onehot(y)), optionally class-weighted.
 
@@ -46,6 +57,10 @@ class LDAMLoss(ClassWeightedLoss):
         self.max_m = float(max_m)
         self.s = float(s)
         self.register_buffer("margins", ldam_margins(self.class_counts, self.max_m), persistent=False)
+
+    @classmethod
+    def from_config(cls, c, class_counts):
+        return cls(class_counts, max_m=c.ldam_max_m, s=c.ldam_s)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with no_autocast(logits.device.type):

@@ -1,14 +1,17 @@
-"""Methods by name. Each file registers one method; the engine looks them up here."""
+"""Methods by name. Each file registers one method, with the config it reads (its class's
+`config`, merged along its bases) and its cross-key rules (`check_config`); the engine looks
+them up here."""
 from __future__ import annotations
+
+from configspec import Registry
 
 from .base import Method
 
-METHODS: dict[str, type[Method]] = {}
+METHODS = Registry("method.name", default="supervised", help="training method")
 
 
 def register(cls: type[Method]) -> type[Method]:
-    METHODS[cls.name] = cls
-    return cls
+    return METHODS.register()(cls)
 
 
 def create_method(cfg, data, device) -> Method:

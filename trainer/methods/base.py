@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import configspec as spec
+
 from ..transfer import load_pretrained
 
 
@@ -25,6 +27,30 @@ class SamplerChoice:
 
 class Method:
     name = "base"
+    trains = True                # False: sched.epochs must be 0 (NCM, tau-norm, pseudo-labels)
+    reads_pool = False           # reads the unlabeled pool (the semi.* pool keys)
+    uses_pseudo_labels = False   # trains on semi.pseudo_labels
+    # The keys this class reads; a subclass adds its own (merged along the bases).
+    config = {"model": {
+        "init": spec.F("str", None, nullable=True,
+                       help="weights to start from: a run folder, a checkpoint (ours, MoCo's "
+                            "'module.encoder_q.' format or a torchvision state dict) or '@stage'"),
+        "init_head": spec.F("bool", False, help="also load the classifier (tau-norm, LWS)"),
+    }}
+
+    @classmethod
+    def check_config(cls, cfg, fail) -> None:
+        """Cross-key rules of this method (a subclass adds its own, then calls super)."""
+        if not cls.trains and cfg.sched.epochs != 0:
+            fail("sched.epochs", f"method '{cfg.method.name}' does not train: set "
+                                 f"sched.epochs: 0 (and sched.warmup_epochs: 0)")
+        if cfg.semi.pseudo_labels and not cls.uses_pseudo_labels:
+            from . import METHODS
+            readers = [n for n, m in METHODS.items() if m.uses_pseudo_labels]
+            fail("semi.pseudo_labels", f"semi.pseudo_labels = {cfg.semi.pseudo_labels!r} is "
+                                       f"only read by method "
+                                       f"{', '.join(repr(n) for n in readers)} (method.name is "
+                                       f"'{cfg.method.name}'); set it in that stage only")
 
     def __init__(self, cfg, data, device: torch.device):
         self.cfg, self.data, self.device = cfg, data, device
@@ -34,6 +60,14 @@ class Method:
         self.init_message = ""
         if cfg.model.init:
             self.init_message = load_pretrained(self.model, cfg.model.init, cfg.model.init_head)
+
+    @classmethod
+    def check_world(cls, cfg, world: int) -> list[str]:
+        """Why this config cannot run on `world` processes (empty: it can)."""
+        if cfg.data.batch_size % world:
+            return [f"data.batch_size = {cfg.data.batch_size} (global) is not divisible by "
+                    f"the {world} ranks"]
+        return []
 
     # -- what a method must provide -------------------------------------------------
     def build_model(self) -> nn.Module:

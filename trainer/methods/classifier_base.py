@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+import configspec as spec
 from data_pipelines.datasets import AugmentedDataset
 from data_pipelines.sources import TensorSource
 
@@ -20,6 +21,32 @@ from .base import Method, SamplerChoice
 class FrozenBackbone(Method):
     default_sampler = "class_aware"
     reinit_head = True
+    needs_trained_head = False   # adjusts the classifier of stage 1 (LWS, tau-norm)
+    config = {"classifier": {
+        "sampler": spec.F("str", None, "uniform", "class_aware", "sqrt", nullable=True,
+                          help="sampling of frozen-backbone methods; null = the method's own "
+                               "(cRT, LWS: class_aware; linear_probe: uniform)"),
+        "cache_features": spec.F("bool", False, help="embed the training set once (needs "
+                                                     "data.augment: none)"),
+        "reinit": spec.F("bool", True, help="re-initialize the classifier (cRT, linear probe)"),
+    }}
+
+    @classmethod
+    def check_config(cls, cfg, fail):
+        name = cfg.method.name
+        if not cfg.model.init:
+            fail("method.name", f"method '{name}' trains on a fixed representation: set "
+                                f"model.init (a run folder, a checkpoint or '@stage')")
+        if cls.needs_trained_head and not cfg.model.init_head:
+            fail("method.name", f"method '{name}' adjusts a trained classifier: set "
+                                f"model.init_head: true")
+        if cls.needs_trained_head and cfg.model.head != "linear":
+            fail("model.head", f"method '{name}' adjusts a linear classifier; set "
+                               f"model.head: linear")
+        if cfg.classifier.cache_features and cfg.data.augment != "none":
+            fail("classifier.cache_features", "cached features are only exact without "
+                                              "augmentation; set data.augment: none")
+        super().check_config(cfg, fail)
 
     def build_model(self):
         return create_model(self.cfg.model.name, num_classes=self.data.num_classes,

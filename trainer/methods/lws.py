@@ -27,6 +27,7 @@ class ScaledClassifier(nn.Module):
 class LWS(FrozenBackbone):
     name = "lws"
     reinit_head = False
+    needs_trained_head = True
 
     def __init__(self, cfg, data, device):
         super().__init__(cfg, data, device)

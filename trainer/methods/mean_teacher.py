@@ -13,6 +13,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
+import configspec as spec
+
 from . import register
 from .semi_base import SemiSupervised
 
@@ -33,6 +35,11 @@ def ema_decay(step: int, decay: float) -> float:
 @register
 class MeanTeacher(SemiSupervised):
     name = "mean_teacher"
+    config = {"semi": {
+        "ema_decay": spec.F("float", 0.99, ge=0, lt=1, help="teacher = EMA of the student"),
+        "noise": spec.F("float", 0.15, ge=0, help="std of the Gaussian input noise, drawn "
+                                                  "separately for student and teacher"),
+    }}
 
     def __init__(self, cfg, data, device):
         super().__init__(cfg, data, device)

@@ -27,6 +27,35 @@ def info_nce_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: fl
     return torch.cat([l_pos, l_neg], dim=1) / t
 
 
+def shuffle_plan(perm: torch.Tensor, sizes: list[int], rank: int):
+    """Who sends which images to whom for the shuffled key batch.
+
+    Shuffled position j of the global batch holds sample perm[j]; rank r encodes positions
+    [start_r, start_r + sizes[r]) (its own BatchNorm group), and owns samples
+    [start_r, start_r + sizes[r]) of the global order. Returns, for `rank`: its local rows to
+    send, in destination order; how many go to each rank; how many come from each; and, for
+    each received row, its place in this rank's shuffled slice."""
+    world = len(sizes)
+    ends = torch.tensor(sizes).cumsum(0)
+    starts = ends - torch.tensor(sizes)
+    owner = torch.searchsorted(ends, perm, right=True)            # who holds sample perm[j]
+    dest = torch.searchsorted(ends, torch.arange(len(perm)), right=True)  # who encodes j
+    j = (owner == rank).nonzero().squeeze(1)
+    send_rows = perm[j] - starts[rank]
+    send_counts = torch.bincount(dest[j], minlength=world).tolist()
+    mine = owner[starts[rank]:ends[rank]]
+    recv_counts = torch.bincount(mine, minlength=world).tolist()
+    return send_rows, send_counts, recv_counts, torch.argsort(mine, stable=True)
+
+
+def _on(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU index tensor on `device`; on CUDA pinned and asynchronous, so the step
+    does not wait for the GPU to drain."""
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index
+
+
 @register
 class MoCo(SelfSupervised):
     name = "moco"
@@ -64,33 +93,55 @@ class MoCo(SelfSupervised):
             pk.mul_(m).add_(pq.detach(), alpha=1 - m)
 
     @torch.no_grad()
-    def keys(self, im_k: torch.Tensor) -> torch.Tensor:
-        """Normalized keys of the whole global batch, in global order (shuffled BN)."""
-        world, rank = self.data.world_size, self.data.rank
-        gathered = dist_utils.all_gather_cat(im_k)
+    def keys(self, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalized keys of the whole global batch in global order, this rank's keys),
+        encoded on a batch shuffled across processes (shuffled BN). Only the permutation is
+        shared (a pure function of seed and step); each rank receives just the images it
+        encodes, in the training dtype, and local batches may differ in size (skipped images)."""
+        world, rank, dev = self.data.world_size, self.data.rank, im_k.device
+        if world == 1 or self.cfg.data.on_bad_image == "fail":
+            sizes = [im_k.shape[0]] * world    # the samplers drop the tail: equal batches
+        else:
+            sizes = dist_utils.gather_sizes(im_k.shape[0], dev)
         g = torch.Generator().manual_seed((self.cfg.run.seed * 1_000_003 + self.global_step)
                                           % (2 ** 62))
-        perm = torch.randperm(gathered.shape[0], generator=g).to(im_k.device)
-        local = gathered[perm].chunk(world)[rank]
+        perm = torch.randperm(sum(sizes), generator=g)
+        start = sum(sizes[:rank])
+        if world == 1:
+            local = im_k[_on(perm, dev)]
+        else:
+            send_rows, send_counts, recv_counts, recv_pos = shuffle_plan(perm, sizes, rank)
+            dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
+                     else im_k.dtype)   # what the first layer would cast the images to anyway
+            got = dist_utils.all_to_all_rows(im_k[_on(send_rows, dev)].to(dtype), send_counts,
+                                             recv_counts)
+            local = torch.empty_like(got)
+            local[_on(recv_pos, dev)] = got
         k = F.normalize(self.key_model(local).float(), dim=1)
-        shuffled_keys = dist_utils.all_gather_cat(k)
+        shuffled_keys = dist_utils.all_gather_cat(k, sizes)
         keys = torch.empty_like(shuffled_keys)
-        keys[perm] = shuffled_keys
-        return keys
+        keys[_on(perm, dev)] = shuffled_keys
+        return keys, keys[start:start + sizes[rank]]
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor):
+        """Write keys into the ring at the pointer, wrapping around: any number of keys
+        (the global batch shrinks when images are skipped), the newest K when more."""
+        size = self.queue.shape[1]
+        ptr = (self.queue_ptr + max(0, keys.shape[0] - size)) % size  # as if all were written
+        keys = keys[-size:]
         n = keys.shape[0]
-        self.queue[:, self.queue_ptr:self.queue_ptr + n] = keys.T
-        self.queue_ptr = (self.queue_ptr + n) % self.queue.shape[1]
+        first = min(n, size - ptr)
+        self.queue[:, ptr:ptr + first] = keys[:first].T
+        self.queue[:, :n - first] = keys[first:].T
+        self.queue_ptr = (ptr + n) % size
 
     def training_step(self, model, batch):
         views, _ = batch                                  # [b, 2, C, H, W]; labels unused
         im_q, im_k = views[:, 0].contiguous(), views[:, 1].contiguous()
         q = F.normalize(model(im_q).float(), dim=1)
         self.momentum_update()
-        all_keys = self.keys(im_k)
-        k = all_keys.chunk(self.data.world_size)[self.data.rank]
+        all_keys, k = self.keys(im_k)
         logits = info_nce_logits(q, k, self.queue.clone(), self.cfg.moco.temperature)
         target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         loss = F.cross_entropy(logits, target)

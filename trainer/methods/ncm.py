@@ -16,6 +16,7 @@ from .classifier_base import FrozenBackbone
 class NCM(FrozenBackbone):
     name = "ncm"
     reinit_head = False
+    trains = False
 
     def __init__(self, cfg, data, device):
         super().__init__(cfg, data, device)

@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from data_pipelines.unlabeled_pool import build_pool
+import configspec as spec
+from data_pipelines.unlabeled_pool import build_pool, check_pool
 
 from .. import distributed as dist_utils
 from .. import pseudo_labels
@@ -24,6 +25,24 @@ POOL_SPLIT = "unlabeled_pool"
 @register
 class PseudoLabel(SupervisedBase):
     name = "pseudo_label"
+    trains = False
+    reads_pool = True
+    config = {"semi": {
+        "threshold": spec.F("float", 0.0, ge=0, lt=1,
+                            help="keep labels of at least this confidence (0 = all, as the "
+                                 "reference)"),
+        "top_k": spec.F("int", 0, ge=0, help="keep the k most confident per class; 0 = all"),
+        "save_probs": spec.F("bool", False, help="also store the probability vectors"),
+    }}
+
+    @classmethod
+    def check_config(cls, cfg, fail):
+        if not cfg.model.init or not cfg.model.init_head:
+            fail("method.name", "method 'pseudo_label' labels the pool with a trained "
+                                "classifier: set model.init (a run folder, a checkpoint or "
+                                "'@stage') and model.init_head: true")
+        check_pool(cfg, fail)
+        super().check_config(cfg, fail)
 
     def __init__(self, cfg, data, device):
         super().__init__(cfg, data, device)

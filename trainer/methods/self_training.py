@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+import configspec as spec
+
 from . import register
 from .semi_base import SemiSupervised
 
@@ -13,6 +15,18 @@ from .semi_base import SemiSupervised
 class SelfTraining(SemiSupervised):
     name = "self_training"
     uses_pseudo_labels = True
+    config = {"semi": {"pseudo_labels": spec.F(
+        "str", None, nullable=True, help="pseudo_labels.npz for self_training: '@stage' (a "
+                                         "pseudo_label stage) or a file of tools/pseudo_label.py")}}
+
+    @classmethod
+    def check_config(cls, cfg, fail):
+        if not cfg.semi.pseudo_labels:
+            fail("semi.pseudo_labels", f"semi.pseudo_labels = {cfg.semi.pseudo_labels!r} is not "
+                                       f"set: method 'self_training' trains on pseudo-labels; set "
+                                       f"it to '@stage' of a pseudo_label stage or to a "
+                                       f"pseudo_labels.npz of tools/pseudo_label.py")
+        super().check_config(cfg, fail)
 
     def training_step(self, model, batch):
         images, labels = batch

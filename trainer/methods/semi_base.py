@@ -17,19 +17,55 @@ import math
 import numpy as np
 import torch
 
+import configspec as spec
 from data_pipelines.samplers import mix_seeds
 from data_pipelines.sources import SubsetSource
-from data_pipelines.unlabeled_pool import build_pool
+from data_pipelines.unlabeled_pool import build_pool, check_pool
 
 from .. import pseudo_labels
 from ..distributed import batch_to_device
-from ..config import unlabeled_batch
 from .base import SamplerChoice
 from .supervised_base import SupervisedBase
 
 
+def unlabeled_batch(cfg) -> int:
+    """Pool images in each global batch (semi.unlabeled_ratio, or semi.size, x the batch)."""
+    ratio = cfg.semi.unlabeled_ratio if cfg.semi.unlabeled_ratio is not None else cfg.semi.size
+    return int(round(ratio * cfg.data.batch_size))
+
+
 class SemiSupervised(SupervisedBase):
-    uses_pseudo_labels = False   # self-training trains on them; consistency methods do not
+    reads_pool = True
+    config = {"semi": {
+        "omega": spec.F("float", 1.0, ge=0, help="loss = L(D_L) + omega * L(D_U)"),
+        "unlabeled_ratio": spec.F("float", None, nullable=True, gt=0,
+                                  help="pool images per labeled image in each batch; null = "
+                                       "semi.size, so an epoch (one pass over the labeled set) "
+                                       "is also one pass over the pool"),
+        "rampup_epochs": spec.F("float", 0.0, ge=0,
+                                help="omega grows as exp(-5 (1 - t/T)^2) over the first T "
+                                     "epochs; 0 = constant"),
+        "counts": spec.F("str", "combined", "combined", "labeled",
+                         help="class counts behind LDAM margins and CB weights in "
+                              "self-training: labeled + pseudo-labeled, or the labeled set "
+                              "only"),
+    }}
+
+    @classmethod
+    def check_config(cls, cfg, fail):
+        check_pool(cfg, fail)
+        if unlabeled_batch(cfg) < 1:
+            fail("semi.unlabeled_ratio", f"semi.unlabeled_ratio = {cfg.semi.unlabeled_ratio!r} "
+                                         f"gives no pool image per batch of data.batch_size = "
+                                         f"{cfg.data.batch_size}; raise it")
+        super().check_config(cfg, fail)
+
+    @classmethod
+    def check_world(cls, cfg, world):
+        u = unlabeled_batch(cfg)
+        extra = [f"semi.unlabeled_ratio x data.batch_size = {u} pool images per batch is not "
+                 f"divisible by the {world} ranks"] if u % world else []
+        return super().check_world(cfg, world) + extra
 
     def __init__(self, cfg, data, device):
         self.pool = build_pool(cfg.data, cfg.semi)

@@ -10,18 +10,54 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as dist_utils
 from ..models import matmul_fp32
 from .base import Method
 
 
 def knn_scores(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
-               num_classes: int, k: int, t: float) -> torch.Tensor:
-    """Class scores of L2-normalized queries from their k most similar bank entries."""
-    sims = matmul_fp32(query, bank.T)   # float32 under autocast: bf16 ties reorder the top-k
-    top, idx = sims.topk(min(k, bank.shape[0]), dim=1)
-    weights = (top / t).exp()
+               num_classes: int, k: int, t: float, block: int = 65536) -> torch.Tensor:
+    """Class scores of L2-normalized queries from their k most similar bank entries.
+
+    With several processes `bank` is this rank's shard of the bank (never gathered) and every
+    rank calls this alike (the engine's embed sees to it): the queries of all ranks are
+    gathered (one eval batch), each rank ranks them against its shard, and only each
+    query's k best candidates of every shard travel back to its rank, where they are merged.
+    Memory is bounded by `block` bank rows per similarity matrix, whatever the bank size."""
+    sizes = dist_utils.gather_sizes(len(query), query.device)
+    top, labels = _shard_topk(dist_utils.all_gather_cat(query, sizes), bank, bank_labels, k,
+                              block)
+    if len(sizes) > 1:
+        n, w, kk = len(query), len(sizes), top.shape[1]
+        merge = lambda x: dist_utils.all_to_all_rows(x, sizes, [n] * w).view(w, n, kk) \
+            .transpose(0, 1).reshape(n, w * kk)
+        top, labels = merge(top), merge(labels)
+        top, j = top.topk(kk, dim=1)
+        labels = labels.gather(1, j)
+    weights = (top / t).exp()       # a padded candidate (-inf) weighs 0
     scores = torch.zeros(query.shape[0], num_classes, device=query.device)
-    return scores.scatter_add_(1, bank_labels[idx], weights)
+    return scores.scatter_add_(1, labels, weights)
+
+
+def _shard_topk(queries, bank, bank_labels, k: int, block: int):
+    """(similarities, labels) [Q, k] of each query's k best rows of `bank`, block by block in
+    float32 (also under autocast: bf16 ties reorder the top-k); padded with -inf when the
+    shard holds fewer than k rows."""
+    top = queries.new_empty((len(queries), 0), dtype=torch.float32)
+    labels = torch.empty((len(queries), 0), dtype=torch.long, device=queries.device)
+    for a in range(0, len(bank), block):
+        sims = matmul_fp32(queries, bank[a:a + block].T)
+        s, i = sims.topk(min(k, sims.shape[1]), dim=1)
+        lab = bank_labels[a:a + block][i]
+        if top.shape[1]:
+            s, j = torch.cat([top, s], 1).topk(min(k, top.shape[1] + s.shape[1]), dim=1)
+            lab = torch.cat([labels, lab], 1).gather(1, j)
+        top, labels = s, lab
+    if top.shape[1] < k:
+        pad = k - top.shape[1]
+        top = torch.cat([top, top.new_full((len(queries), pad), float("-inf"))], 1)
+        labels = torch.cat([labels, labels.new_zeros((len(queries), pad))], 1)
+    return top, labels
 
 
 class SelfSupervised(Method):
@@ -29,9 +65,13 @@ class SelfSupervised(Method):
         return F.normalize(self.model.features(images).float(), dim=1)
 
     def prepare_eval(self, trainer) -> None:
-        self.bank, self.bank_labels = trainer.embed("train", self.features)
+        # Each rank keeps its own shard of the training features: a gathered bank would be W
+        # copies of the whole set (GBs per GPU for iNaturalist), kept between evaluations.
+        self.bank, self.bank_labels = trainer.embed("train", self.features, gather=False)
+        self.bank_size = sum(dist_utils.gather_sizes(len(self.bank), trainer.device))
 
     @torch.no_grad()
     def predict(self, model, images):
         return knn_scores(self.features(images), self.bank, self.bank_labels,
-                          self.data.num_classes, self.cfg.knn.k, self.cfg.knn.t)
+                          self.data.num_classes, min(self.cfg.knn.k, self.bank_size),
+                          self.cfg.knn.t)

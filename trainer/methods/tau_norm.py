@@ -7,6 +7,8 @@ import copy
 
 import torch
 
+import configspec as spec
+
 from ..metrics import evaluate_predictions
 from ..models import LinearHead
 from . import register
@@ -21,6 +23,16 @@ def tau_normalized(weight: torch.Tensor, tau: float) -> torch.Tensor:
 class TauNorm(FrozenBackbone):
     name = "tau_norm"
     reinit_head = False
+    needs_trained_head = True
+    trains = False
+    config = {"tau_norm": {
+        "tau": spec.F("float", None, nullable=True, ge=0,
+                      help="null = choose on tau_norm.split"),
+        "grid": spec.F("list", [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0],
+                       item="float", ge=0),
+        "split": spec.F("str", "val", "val", "test", "train",
+                        help="split that chooses tau (val; 'test' only to reproduce oracles)"),
+    }}
 
     def __init__(self, cfg, data, device):
         super().__init__(cfg, data, device)

@@ -13,6 +13,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+import configspec as spec
+
 from ..losses import no_autocast
 from . import register
 from .semi_base import SemiSupervised
@@ -55,6 +57,10 @@ def frozen_buffers(model: torch.nn.Module):
 @register
 class VAT(SemiSupervised):
     name = "vat"
+    config = {"semi": {
+        "vat_xi": spec.F("float", 1e-6, gt=0, help="step of the power iteration"),
+        "vat_eps": spec.F("float", 6.0, gt=0, help="L2 norm of the adversarial perturbation"),
+    }}
 
     def training_step(self, model, batch):
         images, labels = batch

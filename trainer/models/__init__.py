@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+import configspec as spec
+
 from .heads import (Classifier, CosineHead, LinearHead, ProjectionHead,
                     export_torchvision_state_dict, matmul_fp32)
 from .split_bn import SplitBatchNorm2d, convert_split_bn
@@ -65,19 +67,32 @@ def _mlp(in_channels: int = 3, image_size: int = 28, hidden_dim: int = 64) -> nn
     return MLPBackbone(in_channels=in_channels, image_size=image_size, hidden_dim=hidden_dim)
 
 
-# name -> builder(in_channels=..., **kw) returning a backbone with `out_dim`.
-BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "resnet8": _cifar(8),
-    "resnet20": _cifar(20),
-    "resnet32": _cifar(32),
-    "resnet56": _cifar(56),
-    "resnet10": _torchvision("resnet10"),
-    "resnet18": _torchvision("resnet18"),
-    "resnet50": _torchvision("resnet50"),
-    "mlp": _mlp,
-}
+# name -> builder(in_channels=..., **kw) returning a backbone with `out_dim`. Every backbone
+# reads the shared model keys below; the torchvision family also reads model.small_input.
+BACKBONES = spec.Registry("model.name", default="resnet32", help="backbone", config={"model": {
+    "channels_last": spec.F("bool", False),
+    "compile": spec.F("bool", False, help="torch.compile the model"),
+}})
+HEADS = spec.Registry("model.head", default="linear", help="classifier on the pooled features")
+HEADS.add("linear", LinearHead)
+HEADS.add("cosine", CosineHead)
 
-HEADS: dict[str, type[nn.Module]] = {"linear": LinearHead, "cosine": CosineHead}
+
+def _no_small_input(cfg, fail):
+    if cfg.model.small_input:
+        fail("model.small_input", f"model.small_input is read by the torchvision ResNets "
+                                  f"({', '.join(TORCHVISION)}), not by model.name = "
+                                  f"'{cfg.model.name}'")
+
+
+TORCHVISION = ("resnet10", "resnet18", "resnet50")
+SMALL_INPUT = {"model": {"small_input": spec.F(
+    "bool", False, help="3x3 stem for torchvision ResNets on 28/32 px")}}
+for _depth in (8, 20, 32, 56):
+    BACKBONES.add(f"resnet{_depth}", _cifar(_depth), check=_no_small_input)
+for _name in TORCHVISION:
+    BACKBONES.add(_name, _torchvision(_name), config=SMALL_INPUT)
+BACKBONES.add("mlp", _mlp, check=_no_small_input)
 
 
 def create_backbone(name: str, in_channels: int = 3, **kw) -> nn.Module:
