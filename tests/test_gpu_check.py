@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import needs_fmnist, run_cli
 from tools import gpu_check
-from tools.gpu_check_parts import Skip
+from tools.gpu_check_common import Skip, check
 
 
 def _load(prefix):
@@ -64,7 +64,7 @@ def _missing(ctx):
 
 
 def _wrong(ctx):
-    return {"checks": [gpu_check.parts.check("answer", 41, "42", False)]}
+    return {"checks": [check("answer", 41, "42", False)]}
 
 
 def test_failing_and_hanging_parts_are_reported_and_the_rest_runs(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ if ROOT not in sys.path:
 
 # Imported once here, so that every forked part starts with torch and the project loaded.
 # Nothing here may initialise CUDA: a process that did cannot fork children that use it.
+from tools import gpu_check_common as common  # noqa: E402
 from tools import gpu_check_i18 as i18  # noqa: E402
 from tools import gpu_check_parts as parts  # noqa: E402
 
@@ -88,17 +89,17 @@ def _child(part: Part, ctx_args: dict, result_path: str):
         device = torch.device("cuda" if (not smoke and torch.cuda.is_available()) else "cpu")
         work = os.path.join(ctx_args["work"], part.name)
         os.makedirs(work, exist_ok=True)
-        ctx = parts.Ctx(smoke, device, work, ctx_args["work"],
-                        parts.SMOKE if smoke else parts.FULL, ctx_args.get("fmnist_root"))
+        ctx = common.Ctx(smoke, device, work, ctx_args["work"],
+                         common.SMOKE if smoke else common.FULL, ctx_args.get("fmnist_root"))
         if smoke and part.smoke_skip:
-            raise parts.Skip(part.smoke_skip)
+            raise common.Skip(part.smoke_skip)
         out = part.fn(ctx)
         failed = [c for c in out.get("checks", []) if c["ok"] is False]
         res = {"status": "failed" if failed else "passed", **out}
         if failed:
             res["error"] = "; ".join(f"{c['name']}: {c['value']} (target {c['target']})"
                                      for c in failed)
-    except parts.Skip as e:
+    except common.Skip as e:
         res = {"status": "skipped", "reason": str(e)}
     except BaseException as e:  # noqa: BLE001 - every failure is the part's result
         res = {"status": "failed", "error": f"{type(e).__name__}: {e}",

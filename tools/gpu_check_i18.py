@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from trainer.config import load_config
 from trainer.engine import Trainer
 
-from .gpu_check_parts import (Ctx, Skip, _Sampler, check, feed_synthetic, jpeg_list,
-                              list_overrides, release, small_list, speed_check)
+from .gpu_check_common import (Ctx, Skip, _Sampler, check, feed_synthetic, jpeg_list,
+                               list_overrides, release, small_list, speed_check)
 
 
 def part_deterministic_cuda(ctx: Ctx) -> dict:
