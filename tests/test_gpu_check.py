@@ -115,3 +115,25 @@ def test_budget_spent_skips_the_rest(tmp_path):
     assert code == 0
     assert [p["status"] for p in report["parts"]] == ["skipped", "skipped"]
     assert "budget is spent" in report["parts"][1]["reason"]
+
+
+def test_terminating_the_check_ends_the_running_part(tmp_path):
+    """SIGTERM (a time limit around the whole run) must not leave a part's process group
+    running: each part has its own session, so nothing else would stop it."""
+    code = ("import sys, time; sys.argv[1:] = []\n"
+            "from tools import gpu_check as g\n"
+            "from tests.test_gpu_check import _hang\n"
+            "g.PARTS.append(g.Part('hang', _hang, 30, 'test'))\n"
+            f"g.main(['--cpu-smoke', '--parts', 'hang', '--out', '{tmp_path}/r', "
+            f"'--work', '{tmp_path}/w'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=gpu_check.ROOT,
+                            env=dict(os.environ, PYTHONPATH=gpu_check.ROOT))
+    pid_file = tmp_path / "w" / "hang.pid"
+    deadline = time.time() + 60
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.2)
+    proc.terminate()
+    assert proc.wait(30) == 128 + 15
+    time.sleep(0.2)
+    assert not _running(int(pid_file.read_text()))

@@ -123,16 +123,20 @@ def run_part(part: Part, ctx_args: dict, limit_s: float) -> dict:
     if pid == 0:
         _child(part, ctx_args, result_path)
     status = usage = None
-    while time.perf_counter() - t0 < limit_s:
-        done, status, usage = os.wait4(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.05)
-    else:
+    try:
+        while time.perf_counter() - t0 < limit_s:
+            done, status, usage = os.wait4(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            _kill_group(pid)
+            os.waitpid(pid, 0)
+            return {"status": "timed_out", "error": f"no result within {limit_s:.0f} s: killed",
+                    "seconds": round(time.perf_counter() - t0, 1)}
+    except BaseException:        # Ctrl-C or SIGTERM: the part's own session would outlive us
         _kill_group(pid)
-        os.waitpid(pid, 0)
-        return {"status": "timed_out", "error": f"no result within {limit_s:.0f} s: killed",
-                "seconds": round(time.perf_counter() - t0, 1)}
+        raise
     _kill_group(pid)                       # anything the part left running (workers)
     seconds = round(time.perf_counter() - t0, 1)
     # CPU time of the part's process (and the children it waited for): on a shared machine
@@ -147,6 +151,10 @@ def run_part(part: Part, ctx_args: dict, limit_s: float) -> dict:
         res = json.load(f)
     res["seconds"], res["cpu_s"] = seconds, cpu_s
     return res
+
+
+def _terminate(signum, _frame):
+    raise SystemExit(128 + signum)
 
 
 def _kill_group(pid: int):
@@ -252,6 +260,7 @@ def main(argv=None) -> int:
               "budget_s": budget, "seconds": 0.0, "parts": []}
     t0 = time.perf_counter()
     no_gpu = None
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         for i, part in enumerate(chosen, 1):
             left = budget - (time.perf_counter() - t0)
