@@ -5,13 +5,19 @@
 
 A config with `stages:` runs its stages in order (see trainer/pipeline.py). Everything is loaded
 and validated here, before any process starts; --dry-run stops after printing the plan and
-checking that the data is on disk. Re-running the same command resumes where a run stopped.
+checking that the data is on disk. Re-running the same command resumes where a run stopped
+(trainer/run_folder.py: only with the same config; run.allow_change names what may differ).
+
+SIGTERM or SIGUSR2 (to this process, any --nproc child, or a torchrun rank) makes every rank
+checkpoint at the next step boundary. Exit status: 0 finished; 2 a config, data, run-folder or
+disk error (one line on stderr); 143 stopped after writing that checkpoint (run it again).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,17 +26,32 @@ from data_pipelines.build import check_data_paths  # noqa: E402
 from data_pipelines.sources import DataError  # noqa: E402
 from data_pipelines.unlabeled_pool import check_pool_paths  # noqa: E402
 from trainer import distributed as dist_utils  # noqa: E402
-from trainer.config import POOL_METHODS, ConfigError  # noqa: E402
-from trainer.pipeline import describe_plan, load_plan, run_plan  # noqa: E402
+from trainer.checkpoint import DiskError  # noqa: E402
+from trainer.config import ConfigError  # noqa: E402
+from trainer.engine import (STOP_EXIT_STATUS, STOP_SIGNALS, Preempted,  # noqa: E402
+                            install_stop_signals)
+from trainer.methods import METHODS  # noqa: E402
+from trainer.pipeline import check_world, describe_plan, load_plan, run_plan  # noqa: E402
+from trainer.run_folder import RunFolderError  # noqa: E402
 from trainer.pseudo_labels import check_path as check_pseudo_labels  # noqa: E402
 from trainer.transfer import check_init  # noqa: E402
+
+
+class ReportedError(Exception):
+    """A --nproc child printed a user error (one line) and exited with status 2."""
 
 
 def _worker(local_rank: int, world: int, port: int, plan, result_path: str | None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(world))
-    results = _run(plan)
+    install_stop_signals()
+    try:
+        results = _run(plan)
+    except Preempted:
+        sys.exit(STOP_EXIT_STATUS)
+    except tuple(USER_ERRORS) as e:
+        sys.exit(report_user_error(e) if local_rank == 0 else 2)
     if local_rank == 0 and result_path:
         with open(result_path, "w") as f:
             json.dump(results, f)
@@ -55,8 +76,26 @@ def launch(plan, nproc: int = 1) -> dict:
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
-        mp.start_processes(_worker, args=(nproc, dist_utils.free_port(), plan, out),
-                           nprocs=nproc, start_method="spawn")
+        ctx = mp.start_processes(_worker, args=(nproc, dist_utils.free_port(), plan, out),
+                                 nprocs=nproc, start_method="spawn", join=False)
+
+        def forward(signum, _frame):  # a stop asked of this launcher goes to every rank
+            for p in ctx.processes:
+                if p.is_alive():
+                    os.kill(p.pid, signum)
+        before = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+        try:
+            while not ctx.join():
+                pass
+        except mp.ProcessExitedException as e:
+            if e.exit_code == STOP_EXIT_STATUS:
+                raise Preempted(plan[-1].run_dir) from None
+            if e.exit_code == 2:
+                raise ReportedError() from None
+            raise
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
         with open(out) as f:
             return json.load(f)
 
@@ -66,6 +105,8 @@ def parse_args(argv=None):
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 data.rho=50")
     p.add_argument("--nproc", type=int, default=1, help="local processes (DDP)")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="allow --nproc above this machine's cores (CPU) or GPUs")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, print the plan of stages, check the data paths, and stop")
     return p.parse_intermixed_args(argv)  # options may sit among the overrides
@@ -76,7 +117,7 @@ def prepare(config: str, overrides: list[str], dry_run: bool = False):
     plan = load_plan(config, overrides)
     for i, stage in enumerate(plan):
         problems = check_data_paths(stage.cfg.data)
-        if stage.cfg.method.name in POOL_METHODS:
+        if METHODS[stage.cfg.method.name].reads_pool:
             problems += check_pool_paths(stage.cfg.semi)
         problems += check_input_files(stage.cfg, [s.run_dir for s in plan[:i]])
         if problems:
@@ -84,6 +125,30 @@ def prepare(config: str, overrides: list[str], dry_run: bool = False):
     if dry_run:
         print(describe_plan(plan))
     return plan
+
+
+def check_processes(plan, nproc: int, oversubscribe: bool = False):
+    """--nproc against this machine, and every stage's batches against the number of ranks
+    the run will have (--nproc, or the world torchrun / srun describe in the environment):
+    refused here, before anything runs, not after an earlier stage has trained."""
+    if nproc < 1:
+        raise ConfigError(f"command line: --nproc {nproc} must be >= 1")
+    if nproc > 1 and "RANK" not in os.environ:   # launch() spawns nproc processes
+        if not oversubscribe:
+            import torch
+            gpus = (torch.cuda.device_count() if torch.cuda.is_available()
+                    and plan[0].cfg.engine.device != "cpu" else 0)
+            have, what = (gpus, "visible GPUs") if gpus else (len(os.sched_getaffinity(0)),
+                                                               "CPU cores")
+            if nproc > have:
+                raise ConfigError(f"command line: --nproc {nproc} is more than the {have} "
+                                  f"{what} here; pass --oversubscribe to run anyway")
+        check_world(plan, nproc, f"--nproc {nproc}")
+        return
+    world = dist_utils.env_ranks()[1]
+    how = ("WORLD_SIZE from torchrun" if "WORLD_SIZE" in os.environ else
+           "the Slurm tasks of srun" if world > 1 else "one process")
+    check_world(plan, world, how)
 
 
 def check_input_files(cfg, earlier_dirs) -> list[str]:
@@ -101,7 +166,8 @@ def check_input_files(cfg, earlier_dirs) -> list[str]:
 
 
 # Bad input a user can fix: printed as one line naming its kind, exit status 2, no traceback.
-USER_ERRORS = {ConfigError: "config error", DataError: "data error"}
+USER_ERRORS = {ConfigError: "config error", DataError: "data error",
+               RunFolderError: "run folder error", DiskError: "disk error"}
 
 
 def report_user_error(exc: Exception, kinds: dict = USER_ERRORS) -> int:
@@ -114,15 +180,24 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         plan = prepare(args.config, args.overrides, args.dry_run)
+        check_processes(plan, args.nproc, args.oversubscribe)
     except tuple(USER_ERRORS) as e:
         return report_user_error(e)
     if args.dry_run:
         print("dry run: config and data paths are valid")
         return 0
+    install_stop_signals()   # one process and torchrun's ranks; --nproc children install theirs
     try:
         results = launch(plan, args.nproc)
-    except DataError as e:
+    except (DataError, RunFolderError, DiskError) as e:
         return report_user_error(e)
+    except ReportedError:
+        return 2
+    except Preempted:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped: checkpoint written; run the same command again to resume (exit "
+                  f"status {STOP_EXIT_STATUS})", file=sys.stderr)
+        return STOP_EXIT_STATUS
     if os.environ.get("RANK", "0") != "0":  # under torchrun, let rank 0 speak
         return 0
     for name, r in results.items():

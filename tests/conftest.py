@@ -38,9 +38,16 @@ def tiny_overrides(out_dir, small_test_list):
             "eval.every_epochs=1", "engine.log_every=5", "engine.progress=lines"]
 
 
+KILL_PLUGINS = os.path.join(ROOT, "tests", "plugins")   # sitecustomize: tests/kill_points.py
+
+
 def run_cli(*args, env=None, check=True):
-    """Run a repository script in a fresh interpreter, as a user would."""
-    full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    """Run a repository script in a fresh interpreter, as a user would. An env with
+    LTT_TEST_KILL (or LTT_KILL_AT_STEP) installs that kill point (tests/kill_points.py)."""
+    env = env or {}
+    path = ROOT if not {"LTT_TEST_KILL", "LTT_KILL_AT_STEP"} & set(env) else \
+        os.pathsep.join([KILL_PLUGINS, ROOT])
+    full_env = dict(os.environ, PYTHONPATH=path, **env)
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:

@@ -6,6 +6,8 @@ tensors and plain Python values so that `torch.load(weights_only=True)` accepts 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
 
@@ -14,17 +16,56 @@ import torch
 
 LAST = "checkpoint_last.pt"
 
+# Write failures that are the disk's, not the program's, in words.
+DISK_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+class DiskError(Exception):
+    """A file of the run could not be written because of the disk (full, read-only, ...)."""
+
+    def __init__(self, err: int, message: str):
+        super().__init__(message)
+        self.errno = err
+
+
+def _disk_cause(exc: BaseException | None) -> OSError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:   # torch.save hides the OSError in __context__
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors(path: str):
+    """Turn a full disk or a read-only folder met while writing `path` into a DiskError that
+    says so, instead of torch's 'unexpected pos 88448 vs 88344'."""
+    try:
+        yield
+    except DiskError:
+        raise
+    except Exception as e:
+        cause = _disk_cause(e)
+        if cause is None:
+            raise
+        raise DiskError(cause.errno, f"{DISK_ERRNOS[cause.errno]} while writing {path} "
+                                     f"({cause.strerror})") from None
+
 
 def atomic_write(path: str, write):
     """Call write(binary file) on a temporary file beside `path`, fsync, then rename it over
     `path`: readers see the old file or the new one, never a half-written one."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with disk_errors(path):
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -57,7 +98,20 @@ def rng_state() -> dict:
     return state
 
 
+def rank_rng_state(saved, rank: int) -> dict:
+    """This rank's RNG state from a checkpoint: checkpoints hold a list, one state per rank
+    (older ones a single state, which every rank then restores)."""
+    if isinstance(saved, dict):
+        return saved
+    if rank >= len(saved):
+        raise RuntimeError(f"the checkpoint holds RNG states of {len(saved)} processes; this "
+                           f"is rank {rank}")
+    return saved[rank]
+
+
 def set_rng_state(state: dict):
+    """Restore states saved by rng_state(); they must be CPU tensors (load checkpoints with
+    map_location='cpu': torch.set_rng_state refuses a CUDA tensor)."""
     torch.set_rng_state(state["torch"])
     pos, has_gauss, cached = state["numpy_rest"]
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),

@@ -248,6 +248,29 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (small objects: per-rank RNG states)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers(modules, src: int = 0):
+    """Give every rank rank `src`'s buffers (BatchNorm running statistics, ...) of these
+    modules: DDP syncs buffers before each forward only, so after the last step each rank
+    keeps its own, and ranks would evaluate different models while only rank 0's is saved."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    seen = set()
+    for module in modules:
+        for buf in module.buffers():
+            if id(buf) not in seen:
+                seen.add(id(buf))
+                dist.broadcast(buf.data, src=src)
+
+
 def _local_worker(local_rank: int, world: int, port: int, fn, kwargs: dict):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),

@@ -29,15 +29,24 @@ from .config import Config, save_config
 from .methods import create_method
 from .metrics import evaluate_predictions, plot_per_class_accuracy
 from .models import export_torchvision_state_dict
+from .optim import build_optimizer
+from .run_folder import RunFolder
 from .run_log import Progress, RunLog
 from .schedules import lr_factor
 
-KILL_ENV = "LTT_KILL_AT_STEP"  # test hook: SIGKILL ourselves after this global step
 _STOP = threading.Event()
+# With several processes the ranks agree on a stop request (one all-reduce and a host sync)
+# every this many steps and at each epoch's end, at the same steps on every rank; one process
+# checks its flag at every step boundary.
+STOP_CHECK_EVERY = 10
 
 
 class Preempted(Exception):
     """Raised after a requested stop has been checkpointed; re-running resumes exactly."""
+
+
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+STOP_EXIT_STATUS = 143   # launchers/train.py: a stop was checkpointed; re-run to resume
 
 
 def request_stop(*_signal_args):
@@ -46,7 +55,7 @@ def request_stop(*_signal_args):
     _STOP.set()
 
 
-def install_stop_signals(signals=(signal.SIGUSR2, signal.SIGTERM)):
+def install_stop_signals(signals=STOP_SIGNALS):
     for s in signals:
         signal.signal(s, request_stop)
 
@@ -71,26 +80,20 @@ def configure_runtime(cfg: Config, info: dist_utils.DistInfo):
     seed_everything(cfg.run.seed)
 
 
-def build_optimizer(cfg_optim, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
-    fused = device.type == "cuda" if cfg_optim.fused is None else cfg_optim.fused
-    for g in groups:
-        g.setdefault("base_lr", cfg_optim.lr * g.pop("lr_scale", 1.0))
-    return torch.optim.SGD(groups, lr=cfg_optim.lr, momentum=cfg_optim.momentum,
-                           weight_decay=cfg_optim.weight_decay, nesterov=cfg_optim.nesterov,
-                           fused=True if fused else None)
-
-
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | None = None):
+    def __init__(self, cfg: Config, run_dir: str | None = None, folder: RunFolder | None = None):
         self.cfg = cfg
         self.info = dist_utils.setup(cfg.engine.device, cfg.dist.backend)
         self.device = self.info.device
         self.run_dir = run_dir or os.path.join(cfg.run.out_dir, cfg.run.name)
-        os.makedirs(self.run_dir, exist_ok=True)
+        self._own_folder = folder is None   # else train() opened it and closes it
+        self.folder = folder or RunFolder(self.run_dir, cfg, self.info.world_size,
+                                          self.info.is_main).open()
         configure_runtime(cfg, self.info)
         self.log = RunLog(self.run_dir, self.info.is_main, cfg.engine.progress)
-        if self.info.is_main:
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        if self.info.is_main and not self.folder.finished:
+            for note in self.folder.prepare(save_config):
+                self.log.info(note)
 
         world = self.info.world_size
         if cfg.data.batch_size % world:
@@ -119,31 +122,51 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.engine.amp == "fp16")
 
         self.epoch = self.step_in_epoch = self.global_step = 0
+        self.eval_pending = False            # the evaluation after self.epoch is still to do
+        self.seconds_before = 0.0            # training time of earlier attempts
+        self._t0 = None
         self.results_path = os.path.join(self.run_dir, "results.json")
-        self._resume()
+        if not self.folder.finished:
+            self._resume()
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
+    def state_dict(self, rng: list | None = None) -> dict:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "method": self.method.state_dict(),
             "progress": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                         "global_step": self.global_step},
-            "rng": ckpt.rng_state(),
+                         "global_step": self.global_step, "eval_pending": self.eval_pending,
+                         "metrics_records": self.log.records,
+                         "train_seconds": self.train_seconds()},
+            "rng": rng if rng is not None else [ckpt.rng_state()],   # one state per rank
         }
 
+    def train_seconds(self) -> float:
+        return self.seconds_before + (time.time() - self._t0 if self._t0 is not None else 0.0)
+
+    def synced_modules(self) -> list[torch.nn.Module]:
+        """The model and the method's other modules (key encoder, teacher): their buffers are
+        made rank 0's before evaluation and saving."""
+        mods = [self.model] + [m for m in vars(self.method).values()
+                               if isinstance(m, torch.nn.Module) and m is not self.model]
+        return mods
+
     def save_checkpoint(self):
+        dist_utils.broadcast_buffers(self.synced_modules())
+        rng = dist_utils.all_gather_object(ckpt.rng_state())
         if self.info.is_main:
-            ckpt.atomic_save(self.state_dict(), os.path.join(self.run_dir, ckpt.LAST))
+            ckpt.atomic_save(self.state_dict(rng), os.path.join(self.run_dir, ckpt.LAST))
         dist_utils.barrier()
 
     def _resume(self):
         path = ckpt.last_checkpoint(self.run_dir)
-        if path is None:
+        if path is None:   # records of an attempt killed before its first checkpoint go
+            self.log.truncate_metrics(keep=0)
             return
-        state = ckpt.safe_load(path, map_location=self.device)
+        # On the CPU: RNG states must come back as CPU tensors; load_state_dict moves the rest
+        state = ckpt.safe_load(path, map_location="cpu")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -151,8 +174,12 @@ class Trainer:
         p = state["progress"]
         self.epoch, self.step_in_epoch, self.global_step = (
             p["epoch"], p["step_in_epoch"], p["global_step"])
-        ckpt.set_rng_state(state["rng"])
-        self.log.truncate_metrics(self.global_step)
+        self.eval_pending = p.get("eval_pending", False)
+        if self.folder.reopen:   # a finished run continued: its final evaluation is an epoch's
+            self.eval_pending = self.step_in_epoch == 0 and self._eval_due()
+        self.seconds_before = p.get("train_seconds", 0.0)
+        ckpt.set_rng_state(ckpt.rank_rng_state(state["rng"], self.info.rank))
+        self.log.truncate_metrics(keep=p.get("metrics_records"), last_step=self.global_step)
         self.log.info(f"resumed from {path}: epoch {self.epoch}, step {self.step_in_epoch} "
                       f"of the epoch, global step {self.global_step}")
 
@@ -197,7 +224,6 @@ class Trainer:
         progress = Progress(self.log, steps, self.step_in_epoch,
                             f"epoch {self.epoch + 1}/{cfg.sched.epochs}",
                             cfg.engine.log_every, cfg.data.batch_size)
-        kill_at = int(os.environ.get(KILL_ENV, "0"))
         for batch in loader:
             lr = self._set_lr(self.step_in_epoch, steps)
             images, labels = self._to_device(batch)
@@ -221,13 +247,8 @@ class Trainer:
                 progress.update({})
             if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
                 self.save_checkpoint()
-            if kill_at and self.global_step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if dist_utils.any_rank(_STOP.is_set()):
-                self.save_checkpoint()
-                self.log.info(f"stop requested: checkpoint written at epoch {self.epoch}, step "
-                              f"{self.step_in_epoch} (global step {self.global_step})")
-                raise Preempted(self.run_dir)
+            if self.stop_requested(steps):
+                self._stop()
             if not self._steps_left():
                 break
         progress.close()
@@ -237,26 +258,57 @@ class Trainer:
             self.step_in_epoch = 0
         return finished
 
+    def stop_requested(self, steps: int | None = None) -> bool:
+        """At a step boundary: has any rank been asked to stop? Several processes agree only
+        every STOP_CHECK_EVERY steps and at an epoch's end (or anywhere, with steps=None),
+        the same steps on every rank, so other steps carry no host sync."""
+        if not self.info.enabled:
+            return _STOP.is_set()
+        if steps is not None and self.global_step % STOP_CHECK_EVERY and self.step_in_epoch != steps:
+            return False
+        return dist_utils.any_rank(_STOP.is_set())
+
+    def _stop(self):
+        self.save_checkpoint()
+        self.log.info(f"stop requested: checkpoint written at epoch {self.epoch}, step "
+                      f"{self.step_in_epoch} (global step {self.global_step})")
+        raise Preempted(self.run_dir)
+
+    def _eval_due(self) -> bool:
+        every = self.cfg.eval.every_epochs
+        return bool(every and self.epoch % every == 0 and self.epoch < self.cfg.sched.epochs)
+
     def fit(self) -> dict:
-        done = finished_results(self.run_dir)
-        if done is not None:
+        try:
+            return self._fit()
+        finally:
+            if self._own_folder:
+                self.folder.close()
+
+    def _fit(self) -> dict:
+        if self.folder.finished:
             self.log.info(f"{self.results_path} exists: this run is complete")
-            return done
+            return self.folder.results()
         cfg = self.cfg
         self.log.info(f"training {cfg.method.name} / {cfg.model.name} on {cfg.data.source} "
                       f"({len(self.data.train)} images, {self.data.num_classes} classes, "
                       f"counts {self.data.class_counts}) with {self.info.world_size} process(es) "
                       f"on {self.device}; run folder {self.run_dir}")
-        t0 = time.time()
-        while self.epoch < cfg.sched.epochs and self._steps_left():
+        self._t0 = time.time()
+        while True:
+            if self.eval_pending:          # after an epoch, or resumed before its evaluation
+                self.evaluate()
+                self.eval_pending = False
+                if self.stop_requested():  # asked during the evaluation: keep it
+                    self._stop()
+            if not (self.epoch < cfg.sched.epochs and self._steps_left()):
+                break
             if not self.train_epoch():
                 break
-            every = cfg.eval.every_epochs
-            if every and self.epoch % every == 0 and self.epoch < cfg.sched.epochs:
-                self.evaluate()
-            self.save_checkpoint()
+            self.eval_pending = self._eval_due()
+            self.save_checkpoint()         # before the evaluation: a stop there keeps the epoch
         self.save_checkpoint()
-        return self.finish(time.time() - t0)
+        return self.finish(self.train_seconds())
 
     # ------------------------------------------------------------------ evaluation
     def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -310,6 +362,7 @@ class Trainer:
 
     def evaluate(self, split: str | None = None) -> dict:
         split = split or self.cfg.eval.split
+        dist_utils.broadcast_buffers(self.synced_modules())   # every rank evaluates rank 0's
         pred, true = self.predict(split)
         m = evaluate_predictions(pred, true, self.data.num_classes, self.data.class_counts,
                                  many=self.cfg.eval.many, few=self.cfg.eval.few)
@@ -335,44 +388,41 @@ class Trainer:
         if self.info.is_main:
             d = self.run_dir
             final = self.method.final_model()
-            torch.save(final.state_dict(), os.path.join(d, "model_final.pt"))
-            torch.save(export_torchvision_state_dict(final),
-                       os.path.join(d, "model_torchvision.pt"))
+            ckpt.atomic_save(final.state_dict(), os.path.join(d, "model_final.pt"))
+            ckpt.atomic_save(export_torchvision_state_dict(final),
+                             os.path.join(d, "model_torchvision.pt"))
             plot_per_class_accuracy(m["per_class_acc"], self.data.class_counts,
                                     os.path.join(d, "per_class_accuracy.png"),
                                     title=f"{self.cfg.run.name}: balanced error "
                                           f"{m['balanced_error']:.2f}%")
-            with open(self.results_path + ".tmp", "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(self.results_path + ".tmp", self.results_path)
+            with ckpt.disk_errors(self.results_path):
+                with open(self.results_path + ".tmp", "w") as f:
+                    json.dump(results, f, indent=1)
+                os.replace(self.results_path + ".tmp", self.results_path)
             self.log.info(f"results in {self.results_path}")
         dist_utils.barrier()
         return results
 
 
-def finished_results(run_dir: str) -> dict | None:
-    """The results.json of a finished run (its presence marks the run complete), else None."""
-    path = os.path.join(run_dir, "results.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def train(cfg: Config, run_dir: str | None = None) -> dict:
     """Run one config to the end (or resume it) in this process; returns results.json.
     The process group stays up, so that a pipeline can run its next stage in it.
-    A finished run (results.json present) returns at once, without building data or model:
-    a requeued pipeline skips its done stages in seconds."""
+    The run folder is checked first (trainer/run_folder.py: same config, no other owner); a
+    finished run of this config returns at once, without building data or model: a requeued
+    pipeline skips its done stages in seconds."""
     run_dir = run_dir or os.path.join(cfg.run.out_dir, cfg.run.name)
-    done = finished_results(run_dir)
-    if done is not None:
-        if dist_utils.env_ranks()[0] == 0:
-            print(f"{os.path.join(run_dir, 'results.json')} exists: this run is complete",
-                  flush=True)
-        return done
-    trainer = Trainer(cfg, run_dir)
+    rank, world = dist_utils.env_ranks()[:2]
+    folder = RunFolder(run_dir, cfg, world, rank == 0).open()
     try:
-        return trainer.fit()
+        if folder.finished:
+            if rank == 0:
+                print(f"{os.path.join(run_dir, 'results.json')} exists: this run is complete",
+                      flush=True)
+            return folder.results()
+        trainer = Trainer(cfg, run_dir, folder)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.log.close()
     finally:
-        trainer.log.close()
+        folder.close()

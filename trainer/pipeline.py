@@ -145,7 +145,13 @@ def run_plan(plan: list[Stage]) -> dict:
     """Run the stages in order in this process (every rank runs this); finished stages are
     skipped by the engine itself, so re-running continues where the run stopped."""
     from .engine import train
+    from .run_folder import RunFolderError
     results = {}
     for stage in plan:
-        results[stage.name] = train(stage.cfg, stage.run_dir)
+        try:
+            results[stage.name] = train(stage.cfg, stage.run_dir)
+        except RunFolderError as e:
+            if len(plan) == 1:
+                raise
+            raise RunFolderError(f"stage '{stage.name}': {e}") from None
     return results

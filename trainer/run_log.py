@@ -7,12 +7,15 @@ import os
 import sys
 import time
 
+from .checkpoint import disk_errors
+
 
 class RunLog:
     def __init__(self, run_dir: str, enabled: bool, progress: str = "auto"):
         self.enabled = enabled
         self.run_dir = run_dir
         self.progress = progress
+        self.records = 0   # metrics records in metrics.jsonl (checkpoints store the count)
         if progress == "auto":
             self.progress = "bar" if sys.stderr.isatty() else "lines"
         self._log = open(os.path.join(run_dir, "run.log"), "a") if enabled else None
@@ -36,24 +39,35 @@ class RunLog:
         """Append one JSON line to metrics.jsonl (and scalars to TensorBoard)."""
         if not self.enabled:
             return
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        with disk_errors(path), open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.records += 1
         if self._tb is not None:
             step = record.get("step", 0)
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                     self._tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
 
-    def truncate_metrics(self, last_step: int):
-        """On resume, forget records of steps after the checkpoint: they will be redone."""
+    def truncate_metrics(self, keep: int | None = None, last_step: int = 0):
+        """On resume, forget the records written after the checkpoint (they will be redone):
+        keep the first `keep` records, the count the checkpoint stored (so an evaluation or
+        a final record written after it goes too), or, for checkpoints without that count,
+        the records up to `last_step`."""
         path = os.path.join(self.run_dir, "metrics.jsonl")
         if not self.enabled or not os.path.exists(path):
             return
         with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+            lines = [line for line in f if line.endswith("\n")]   # a torn last line goes
+        if keep is not None:
+            lines = lines[:keep]
+        else:
+            lines = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+        with disk_errors(path):
+            with open(path + ".tmp", "w") as f:
+                f.writelines(lines)
+            os.replace(path + ".tmp", path)
+        self.records = len(lines)
 
     def close(self):
         if self._log:
