@@ -173,6 +173,8 @@ def _end_to_end(ctx: Ctx, backend: str) -> dict:
     first = next(iter(loader))  # FFCV writes its .beton here; every backend starts its workers
     setup_s = time.perf_counter() - t0
     shape, dtype = tuple(first[0].shape), str(first[0].dtype)
+    where = "cuda" if first[0].is_cuda else ("pinned" if ctx.cuda and first[0].is_pinned()
+                                               else "cpu")
     del first
 
     def load_epoch():
@@ -193,11 +195,14 @@ def _end_to_end(ctx: Ctx, backend: str) -> dict:
     release(trainer)
     ctx.note(f"{backend}: loader alone {loader_rate:.0f} img/s, training {rate:.0f} img/s")
     fig = {"backend": backend, "images": s.jpegs, "batch": s.batch, "batch_shape": shape,
-           "batch_dtype": dtype, "setup_s": round(setup_s, 1),
+           "batch_dtype": dtype, "batch_memory": where, "setup_s": round(setup_s, 1),
            "loader_img_s": round(loader_rate, 1), "train_img_s": round(rate, 1),
            "peak_gib": peak_gib(ctx.device)}
     checks = [check("batch shape [B, 3, H, W]", list(shape), f"[{s.batch}, 3, {s.image}, "
                     f"{s.image}]", shape == (s.batch, 3, s.image, s.image))]
+    if ctx.cuda:   # issue 18 item 9: a pageable batch makes the non_blocking copy blocking
+        checks.append(check("batches on the GPU or in pinned memory", where, "cuda or pinned",
+                            where != "cpu"))
     if backend == "dali":
         checks.append(speed_check(ctx, "RN50 bf16 from JPEGs with DALI", round(rate, 1),
                                   ">= 3000 img/s", rate >= 3000))
