@@ -59,7 +59,8 @@ ENGINE = Part({
         "gpus_per_node": F("int", 0, ge=0, help="0 = CPU: one task per node; G: one task per "
                                                 "GPU"),
         "cpus_per_task": F("int", 0, ge=0, help="0 = 1 on CPU (one thread per rank), else "
-                                                "data.workers + 1 per GPU task"),
+                                                "data.workers + 1 per GPU task, capped to the "
+                                                "node's CPUs / GPUs (8 if unknown)"),
         "timeout_min": F("int", 60, ge=1, help="time limit of one attempt; requeues get a new "
                                                "one"),
         "mem_gb": F("float", None, nullable=True, gt=0, help="per node; null = partition "
