@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 
 from launchers.train import USER_ERRORS, prepare, report_user_error  # noqa: E402
 from trainer.config import ConfigError, resolve  # noqa: E402
-from trainer.pipeline import describe_plan  # noqa: E402
+from trainer.pipeline import check_world as check_world_of_plan, describe_plan  # noqa: E402
 
 # variables of an enclosing torchrun/Slurm job that must not leak into the jobs we submit
 LEAKY_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -58,18 +58,16 @@ def slurm_settings(plan, args) -> dict:
         if stage.cfg.slurm.to_dict() != first:
             raise ConfigError(f"stage '{stage.name}': slurm settings differ from stage "
                               f"'{plan[0].name}'; one job runs all stages, so set them once")
-    s = dict(first)
+    s, origins = dict(first), {}
     for flag, key in (("nodes", "nodes"), ("gpus_per_node", "gpus_per_node"),
                       ("cpus_per_task", "cpus_per_task"), ("partition", "partition"),
                       ("timeout", "timeout_min"), ("mem", "mem_gb")):
         value = getattr(args, flag, None)
         if value is not None:
             s[key] = value
-    s = resolve({"slurm": s}).slurm.to_dict()  # type checks of the flags' values too
-    if s["nodes"] < 1:
-        raise ConfigError(f"slurm.nodes = {s['nodes']} must be >= 1")
-    if s["gpus_per_node"] < 0:
-        raise ConfigError(f"slurm.gpus_per_node = {s['gpus_per_node']} must be >= 0")
+            origins[f"slurm.{key}"] = f"command line (--{flag.replace('_', '-')})"
+    # type and range checks of the flags' values too
+    s = resolve({"slurm": s}, origins).slurm.to_dict()
     s["tasks_per_node"] = max(1, s["gpus_per_node"])
     s["cpus_per_task_auto"] = not s["cpus_per_task"]
     if s["cpus_per_task_auto"]:
@@ -95,12 +93,9 @@ def default_cpus_per_task(s: dict, node_cpus: int | None) -> int:
 
 def check_world(plan, s: dict):
     """What the engine would only find out on the nodes: the global batch must split evenly."""
+    check_world_of_plan(plan, s["world_size"],
+                        f"{s['nodes']} node(s) x {s['tasks_per_node']} task(s)")
     for stage in plan:
-        if stage.cfg.data.batch_size % s["world_size"]:
-            raise ConfigError(f"stage '{stage.name}': data.batch_size = "
-                              f"{stage.cfg.data.batch_size} (global) is not divisible by the "
-                              f"{s['world_size']} ranks of {s['nodes']} node(s) x "
-                              f"{s['tasks_per_node']} task(s)")
         if s["gpus_per_node"] == 0 and stage.cfg.engine.device == "cuda":
             raise ConfigError(f"stage '{stage.name}': engine.device = 'cuda' but no GPUs are "
                               f"requested; pass --gpus-per-node")

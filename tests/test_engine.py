@@ -71,7 +71,8 @@ def test_four_process_run_killed_resumes_to_identical_weights(tiny, tmp_path):
     """With more than 2 gloo ranks an all-reduce's summation order follows DDP's buckets, which
     DDP re-cuts in every new process; the engine's rank-ordered averaging (deterministic mode)
     keeps a resumed 4-process run bit-identical to an uninterrupted one."""
-    args = [TRAIN, CE, "--nproc", "4", *tiny, "checkpoint.every_steps=3", "sched.epochs=2"]
+    args = [TRAIN, CE, "--nproc", "4", "--oversubscribe", *tiny, "checkpoint.every_steps=3",
+            "sched.epochs=2"]   # 4 processes on this 2-core machine: asked for explicitly
     run_cli(*args, "run.name=ref")
     proc = run_cli(*args, "run.name=killed", env={"LTT_KILL_AT_STEP": "7"}, check=False)
     assert proc.returncode != 0

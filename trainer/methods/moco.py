@@ -13,6 +13,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
+import configspec as spec
+
 from .. import distributed as dist_utils
 from ..models import Classifier, ProjectionHead, convert_split_bn, create_backbone, matmul_fp32
 from . import register
@@ -59,16 +61,47 @@ def _on(index: torch.Tensor, device: torch.device) -> torch.Tensor:
 @register
 class MoCo(SelfSupervised):
     name = "moco"
+    config = {"moco": {
+        "dim": spec.F("int", 128, ge=1, help="projection (key) dimension"),
+        "queue": spec.F("int", 65536, ge=1, help="K: queue length, a multiple of the global "
+                                                 "batch"),
+        "momentum": spec.F("float", 0.999, ge=0, le=1, help="key encoder EMA momentum"),
+        "temperature": spec.F("float", 0.2, gt=0),
+        "bn_splits": spec.F("int", 0, ge=0, help="BatchNorm groups per global batch (shuffled "
+                                                 "BN); 0 = one per process, or 4 for a single "
+                                                 "process"),
+    }}
+
+    @classmethod
+    def check_config(cls, cfg, fail):
+        if cfg.moco.queue % cfg.data.batch_size:
+            fail("moco.queue", f"moco.queue = {cfg.moco.queue} must be a multiple of the global "
+                               f"batch data.batch_size = {cfg.data.batch_size}")
+        if cfg.data.augment != "moco":
+            fail("method.name", "method 'moco' needs two views per image: set data.augment: moco")
+        super().check_config(cfg, fail)
+
+    @staticmethod
+    def total_bn_splits(cfg, world: int) -> int:
+        """BatchNorm groups per global batch (moco.bn_splits, or its automatic value)."""
+        return cfg.moco.bn_splits or (world if world > 1 else 4)
+
+    @classmethod
+    def check_world(cls, cfg, world):
+        problems = super().check_world(cfg, world)
+        total = cls.total_bn_splits(cfg, world)
+        if not problems and (total % world or cfg.data.batch_size // world % (total // world)):
+            problems.append(f"moco.bn_splits = {total} must be a multiple of the {world} ranks "
+                            f"and divide each local batch ({cfg.data.batch_size // world})")
+        return problems
 
     def bn_splits(self) -> int:
         """BatchNorm groups inside each process."""
         world = self.data.world_size
-        total = self.cfg.moco.bn_splits or (world if world > 1 else 4)
-        if total % world or self.data.local_batch % (total // world):
-            raise ValueError(f"moco.bn_splits = {total} must be a multiple of the number of "
-                             f"processes ({world}) and divide each local batch "
-                             f"({self.data.local_batch})")
-        return total // world
+        problems = self.check_world(self.cfg, world)
+        if problems:
+            raise ValueError(problems[0])
+        return self.total_bn_splits(self.cfg, world) // world
 
     def build_model(self):
         c = self.cfg

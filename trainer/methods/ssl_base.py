@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import configspec as spec
+
 from .. import distributed as dist_utils
 from ..models import matmul_fp32
 from .base import Method
@@ -61,6 +63,12 @@ def _shard_topk(queries, bank, bank_labels, k: int, block: int):
 
 
 class SelfSupervised(Method):
+    config = {"knn": {
+        "k": spec.F("int", 20, ge=1, help="neighbours of the kNN monitor of self-supervised "
+                                          "methods"),
+        "t": spec.F("float", 0.1, gt=0, help="temperature of the neighbours' weighted vote"),
+    }}
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.features(images).float(), dim=1)
 

@@ -1,0 +1,22 @@
+"""Every part of the code that owns config, in the order its sections and checks apply; the
+schema (trainer/config.py) is composed from this list. A new loss or method file registers
+itself in its registry and needs no line here; a new kind of component adds its registry."""
+from __future__ import annotations
+
+from configspec import compose
+from data_pipelines import augment, build, loaders, longtail, sources, unlabeled_pool
+
+from . import engine_config, optim, run_folder, schedules
+from .losses import LOSSES
+from .methods import METHODS
+from .models import BACKBONES, HEADS
+
+PARTS = [
+    engine_config.RUN, run_folder.CONFIG,
+    sources.SOURCES, longtail.CONFIG, augment.AUGMENTS, build.CONFIG, loaders.LOADERS,
+    BACKBONES, HEADS,
+    LOSSES, schedules.TRAIN_RULES, optim.OPTIMIZERS, schedules.SCHEDULES,
+    METHODS, unlabeled_pool.CONFIG,
+    engine_config.ENGINE,
+]
+SCHEMA = compose(PARTS)
