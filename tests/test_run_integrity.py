@@ -204,7 +204,9 @@ def test_second_process_on_a_run_folder_is_refused(over, tmp_path, main):
     assert f"in use by pid {os.getpid()} on host {socket.gethostname()}" in proc.stderr
     assert not (tmp_path / "one" / "metrics.jsonl").exists()
     (tmp_path / "one" / LOCK).write_text(json.dumps({"pid": 999999, "host": "gone"}))
-    assert main(*args)[0] == 0
+    stale = RunFolder(str(tmp_path / "one"), cfg).open()     # a Trainer a tool never closed
+    assert main(*args)[0] == 0                               # this process takes it over
+    stale.close()
     assert (tmp_path / "one" / LOCK).read_text() == ""       # released at the end
 
 

@@ -249,6 +249,9 @@ class RunFolder:
     # ------------------------------------------------------------------ the lock
     def _lock(self):
         path = os.path.join(self.run_dir, LOCK)
+        earlier = _HELD.get(os.path.realpath(path))
+        if earlier is not None:   # an earlier Trainer of this process never closed (a tool)
+            earlier.close()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -268,16 +271,23 @@ class RunFolder:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         self._lock_fd = fd
+        _HELD[os.path.realpath(path)] = self
 
     def close(self):
         """Release the lock (the file stays; an empty one means nobody holds it)."""
         if self._lock_fd is not None:
+            _HELD.pop(os.path.realpath(os.path.join(self.run_dir, LOCK)), None)
             try:
                 os.ftruncate(self._lock_fd, 0)
             except OSError:
                 pass
             os.close(self._lock_fd)   # closing drops the flock
             self._lock_fd = None
+
+
+# Locks this process holds, by lock file: a second RunFolder of the same process on the same
+# folder (sequential use by a tool or test) takes the lock over instead of refusing itself.
+_HELD: dict[str, RunFolder] = {}
 
 
 def _read_holder(fd: int) -> dict:
