@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, needs_fmnist
+from tests.conftest import KILL_PLUGINS, ROOT, needs_fmnist
 from trainer import feature_bank as fb
 
 needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None,
@@ -104,10 +104,11 @@ def test_killed_extraction_resumes_to_same_bank(tiny_run, tmp_path, monkeypatch)
 
     ref = fb.load_bank(fb.extract_run(tiny_run, default_bank(tiny_run), progress=False))
     out = str(tmp_path / "killed")
-    monkeypatch.setenv(fb.KILL_ENV, "2")
+    monkeypatch.setenv("LTT_TEST_KILL", "kill:chunk:2")            # tests/kill_points.py
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([KILL_PLUGINS, ROOT]))
     with pytest.raises(ProcessExitedException, match="signal SIGKILL"):
         fb.extract_run_ddp(2, run_dir=tiny_run, out=out, chunk_size=64, progress=False)
-    monkeypatch.delenv(fb.KILL_ENV)
+    monkeypatch.delenv("LTT_TEST_KILL")
     files = set(os.listdir(os.path.join(out, fb.PARTIAL)))
     assert {"chunk_000000.npz", "chunk_000002.npz", fb.MANIFEST} <= files
     assert "chunk_000004.npz" not in files and len(files) <= 5

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import signal
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +39,6 @@ HEADER = "header.json"
 PARTIAL = ".partial"
 MANIFEST = "manifest.json"
 ARRAYS = ("features", "labels", "indices", "paths")
-KILL_ENV = "LTT_BANK_KILL_AFTER_CHUNKS"  # test hook: SIGKILL after writing this many chunks
 REQUIRED_KEYS = ("format", "version", "count", "dim", "dtype", "num_classes")
 DTYPES = ("float16", "float32")
 
@@ -486,15 +484,12 @@ def extract_bank(out: str, dataset, forward, identity: dict, *, chunk_size: int 
     todo = dist_utils.broadcast_object(todo)
     if isinstance(todo, str):
         raise BankError(todo)
-    kill_after = int(os.environ.get(KILL_ENV, "0"))
     mine = todo[rank::world_size]
-    for done, c in enumerate(tqdm(mine, desc=f"extract {os.path.basename(out)}", unit="chunk",
-                                  disable=not progress or rank != 0), start=1):
+    for c in tqdm(mine, desc=f"extract {os.path.basename(out)}", unit="chunk",
+                  disable=not progress or rank != 0):
         rows = list(range(c * chunk_size, min(len(dataset), (c + 1) * chunk_size)))
         feats, labels = _run_chunk(dataset, rows, forward, batch_size, workers, dtype)
         _save_chunk(_chunk_path(part, c), feats, labels, rows)
-        if kill_after and done == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
     dist_utils.barrier()
     if rank == 0:
         _assemble(out, part, nchunks, identity, header or {}, paths)
