@@ -181,10 +181,20 @@ def backend_status(name: str) -> tuple[bool, str]:
 
 
 def require_backend(name: str) -> None:
+    problems = backend_problems({"loader": name})
+    if problems:
+        raise BackendUnavailable(problems[0])
+
+
+def backend_problems(cfg) -> list[str]:
+    """The asked-for backend cannot be imported here (for --dry-run: at start-up it would stop
+    the run); 'auto' falls back by itself."""
+    name = cfg["loader"]
+    if name not in INSTALL_HINTS:
+        return []
     ok, why = backend_status(name)
-    if not ok:
-        raise BackendUnavailable(f"data.loader = {name!r} but {name.upper()} cannot be imported "
-                                 f"({why}); install it with: {INSTALL_HINTS[name]}")
+    return [] if ok else [f"data.loader = {name!r} but {name.upper()} cannot be imported "
+                          f"({why}); install it with: {INSTALL_HINTS[name]}"]
 
 
 def cuda_device() -> int | None:

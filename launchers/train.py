@@ -23,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipelines.build import check_data_paths  # noqa: E402
+from data_pipelines.loaders import backend_problems  # noqa: E402
 from data_pipelines.sources import DataError  # noqa: E402
 from data_pipelines.unlabeled_pool import check_pool_paths  # noqa: E402
 from trainer import distributed as dist_utils  # noqa: E402
@@ -116,7 +117,7 @@ def prepare(config: str, overrides: list[str], dry_run: bool = False):
     """Load and check everything a run needs; raises ConfigError / DataError with the key."""
     plan = load_plan(config, overrides)
     for i, stage in enumerate(plan):
-        problems = check_data_paths(stage.cfg.data)
+        problems = check_data_paths(stage.cfg.data) + backend_problems(stage.cfg.data)
         if METHODS[stage.cfg.method.name].reads_pool:
             problems += check_pool_paths(stage.cfg.semi)
         problems += check_input_files(stage.cfg, [s.run_dir for s in plan[:i]])

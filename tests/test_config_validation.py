@@ -261,3 +261,11 @@ def test_balanced_softmax_from_its_config_line():
     loss = loss_from_config(cfg.loss, [10, 1])
     assert isinstance(loss, BalancedSoftmaxLoss)
     assert torch.allclose(loss.log_prior.exp(), torch.tensor([10 / 11, 1 / 11]))
+
+
+def test_dry_run_refuses_a_loader_backend_that_cannot_be_imported(cfg_file, capsys, monkeypatch):
+    from data_pipelines import loaders
+    monkeypatch.setitem(loaders._STATUS, "dali", (False, "ImportError: no module nvidia.dali"))
+    rc, err = dry_run(capsys, cfg_file, "data.loader=dali")
+    assert rc == 2 and "data.loader = 'dali' but DALI cannot be imported" in err
+    assert "pip install nvidia-dali" in err and err.count("\n") == 1
