@@ -239,6 +239,19 @@ def test_sigterm_to_the_nproc_launcher_stops_every_rank_at_a_checkpoint(over, tm
     assert len(state["rng"]) == 2                                      # one state per rank
 
 
+def test_sigterm_under_torchrun_stops_every_rank_at_a_checkpoint(over, tmp_path):
+    """torchrun's ranks run train.py's main(): each handles SIGTERM (here sent to itself after
+    step 3), and the ranks stop together at the next agreed step with status 143."""
+    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   TRAIN, CE, *over, "run.name=tr", env={"LTT_TEST_KILL": "term:step:3"},
+                   check=False)
+    assert proc.returncode != 0 and f"exitcode  : {engine.STOP_EXIT_STATUS}" in proc.stderr, \
+        proc.stderr
+    state = ckpt.safe_load(str(tmp_path / "tr" / ckpt.LAST))
+    assert state["progress"]["global_step"] == engine.STOP_CHECK_EVERY
+    assert len(state["rng"]) == 2
+
+
 def test_sigterm_during_evaluation_keeps_the_epoch(over, tmp_path, main, monkeypatch):
     """The epoch checkpoint used to be written after evaluation, so a stop there lost the
     epoch; now it is written before, and a stop asked during evaluation saves after it."""
