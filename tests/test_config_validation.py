@@ -97,10 +97,15 @@ def test_nproc_above_the_cores_needs_oversubscribe(cfg_file, capsys, monkeypatch
     rc, err = dry_run(capsys, cfg_file, "--nproc", "64")
     assert rc == 2 and "--nproc 64 is more than the 2 CPU cores here; pass --oversubscribe" in err
     assert train_cli.main([cfg_file, "--nproc", "64", "--oversubscribe", "--dry-run"]) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)      # a machine with 2 GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    rc, err = dry_run(capsys, cfg_file, "--nproc", "4")
+    assert rc == 2 and "--nproc 4 is more than the 2 visible GPUs here" in err
 
 
 def test_nproc_must_divide_the_batch(cfg_file, capsys, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     rc, err = dry_run(capsys, cfg_file, "--nproc", "3")
     assert rc == 2 and "data.batch_size = 64 (global) is not divisible by the 3 ranks " \
                        "(--nproc 3)" in err
