@@ -324,6 +324,21 @@ def test_full_disk_is_reported_in_words(over, tmp_path, main, monkeypatch):
     assert not [n for n in os.listdir(tmp_path / "full") if ".tmp" in n]
 
 
+def test_read_only_folder_is_reported_in_words(over, tmp_path, main, monkeypatch):
+    """(As root a chmod does not stop writes, so the file system's answer is patched in.)"""
+    real_open = os.open
+
+    def read_only(path, *args, **kw):
+        if str(path).endswith(LOCK):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, *args, **kw)
+    monkeypatch.setattr(os, "open", read_only)
+    code, err = main(CE, *over, "run.name=ro")
+    monkeypatch.undo()
+    assert code == 2, err
+    assert f"disk error: read-only file system while writing {tmp_path / 'ro' / LOCK}" in err
+
+
 # ----------------------------------------------------------------------------- issue 18
 
 def test_resume_loads_rng_states_on_the_cpu(over, tmp_path, monkeypatch):

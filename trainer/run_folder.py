@@ -171,7 +171,8 @@ class RunFolder:
     def open(self) -> "RunFolder":
         """Lock (rank 0) and compare fingerprints; raises RunFolderError, having written
         nothing, when the folder holds another config's run or another live process."""
-        os.makedirs(self.run_dir, exist_ok=True)
+        with disk_errors(self.run_dir):
+            os.makedirs(self.run_dir, exist_ok=True)
         if self.is_main:
             self._lock()
         try:
@@ -252,7 +253,8 @@ class RunFolder:
         earlier = _HELD.get(os.path.realpath(path))
         if earlier is not None:   # an earlier Trainer of this process never closed (a tool)
             earlier.close()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with disk_errors(path):   # a read-only folder fails here, first
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
