@@ -148,7 +148,7 @@ def _none(train, image_size, mean, std, in_channels):
 def _check_stats(cfg, fail):
     d = cfg.data
     if d.stats is None and d.source not in DEFAULT_STATS:
-        fail("data.stats", f"data.source = '{d.source}' has no normalization statistics of its "
+        fail("data.source", f"data.source = '{d.source}' has no normalization statistics of its "
                            f"own: set data.stats to one of {', '.join(DEFAULT_STATS)}")
 
 

@@ -18,7 +18,8 @@ from .augment import DEFAULT_STATS, build_transform
 from .datasets import AugmentedDataset
 from .longtail import class_counts, make_lt_subset
 from .samplers import SequentialSampler, build_sampler
-from .sources import FASHION_MNIST_ROOT, DataError, SubsetSource, open_source, select_classes
+from .sources import (FASHION_MNIST_ROOT, SOURCES, DataError, SubsetSource, open_source,
+                      select_classes)
 from .torchvision_loader import build_torchvision_loader
 
 # SVHN-LT in the reference puts label 0 last in the head-to-tail order.
@@ -202,6 +203,23 @@ def check_data_paths(cfg) -> list[str]:
             and not os.path.isdir(os.path.join(root, "train")):
         problems.append(f"data.root = {root!r}: no train/ sub-folder of class folders")
     return problems
+
+
+def split_problem(cfg, split: str) -> str | None:
+    """Why the task has no `split`, when the config alone can tell (None: it has one, or only
+    its files can tell, which check_data_paths does)."""
+    d = cfg.data
+    if split == "train" or (split == "val" and d.val_per_class):
+        return None
+    opener = SOURCES[d.source]
+    if getattr(opener, "list_per_split", False):
+        key = f"{split}_list"
+        return None if d[key] else f"data.source = '{d.source}' has no '{split}' split: set data.{key}"
+    known = getattr(opener, "splits", None)
+    if known is None or split in known:
+        return None
+    hint = "; set data.val_per_class for a held-out one" if split == "val" else ""
+    return f"data.source = '{d.source}' has no '{split}' split (only {', '.join(known)}){hint}"
 
 
 def _check_classes(cfg, fail):

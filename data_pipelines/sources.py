@@ -511,14 +511,15 @@ SOURCES = Registry("data.source", default="fashion_mnist", help="labeled data se
                    }})
 
 
-def _array(read):
-    """An array data set: its official train/test split (or any split `read` knows),
-    optionally narrowed by an "index label" list."""
+def _array(read, splits=("train", "test")):
+    """An array data set: its official `splits` (`read` opens one), optionally narrowed by an
+    "index label" list."""
     def open_split(kind, root, split, list_file, num_classes):
         if root is None and kind != "fashion_mnist":
             raise DataError(f"open_source: kind {kind!r} needs data.root to be set")
         src = read(kind, root, split)
         return read_index_list(list_file, src) if list_file else src
+    open_split.splits = splits     # what the config can be checked against
     return open_split
 
 
@@ -529,6 +530,7 @@ def _train_test(kind, split):
 
 
 def _open_list(kind, root, split, list_file, num_classes):
+    """A "path label" list per split (data.<split>_list)."""
     if not list_file:
         raise DataError(f"open_source: kind 'list' needs the {split} split's list file "
                         f"(data list_file setting)")
@@ -546,7 +548,9 @@ SOURCES.add("fashion_mnist", _array(lambda kind, root, split: read_fashion_mnist
 for _kind in ("cifar10", "cifar100"):
     SOURCES.add(_kind, _array(lambda kind, root, split: read_cifar(
         root, kind, train=_train_test(kind, split))), check=_check_root)
-SOURCES.add("svhn", _array(lambda kind, root, split: read_svhn(root, split)), check=_check_root)
+SOURCES.add("svhn", _array(lambda kind, root, split: read_svhn(root, split),
+                           ("train", "test", "extra")), check=_check_root)
+_open_list.list_per_split = True
 SOURCES.add("list", _open_list, check=_check_lists)
 SOURCES.add("folder", _open_folder, check=_check_root)
 SOURCE_KINDS = tuple(SOURCES)

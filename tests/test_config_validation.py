@@ -274,3 +274,21 @@ def test_dry_run_refuses_a_loader_backend_that_cannot_be_imported(cfg_file, caps
     rc, err = dry_run(capsys, cfg_file, "data.loader=dali")
     assert rc == 2 and "data.loader = 'dali' but DALI cannot be imported" in err
     assert "pip install nvidia-dali" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("over, message", [
+    (["eval.split=val"], r"eval\.split = 'val': data\.source = 'fashion_mnist' has no 'val' split "
+                         r"\(only train, test\); set data\.val_per_class"),
+    (["method.name=tau_norm", "model.init=x", "model.init_head=true", "sched.epochs=0"],
+     r"tau_norm\.split = 'val': data\.source = 'fashion_mnist' has no 'val' split"),
+    (["data.source=list", "data.train_list=a", "data.test_list=b", "data.stats=imagenet",
+      "method.name=tau_norm",
+      "model.init=x", "model.init_head=true", "sched.epochs=0"],
+     r"tau_norm\.split = 'val': data\.source = 'list' has no 'val' split: set data\.val_list"),
+])
+def test_a_split_the_task_does_not_have_is_refused(cfg_file, over, message):
+    """The evaluation splits used to be opened only at start-up (a DataError after --dry-run
+    had passed)."""
+    with pytest.raises(ConfigError, match=message):
+        load_plan(cfg_file, over)
+    load_plan(cfg_file, over + ["data.val_per_class=5", "data.val_list=c"])   # now it has one

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from configspec import F, Part
+from data_pipelines.build import split_problem
 
 
 def _check_run_name(cfg, fail):
@@ -25,7 +26,10 @@ RUN = Part({"run": {
 }}, _check_run_name, owner=__name__)
 
 
-def _check_shots(cfg, fail):
+def _check_eval(cfg, fail):
+    problem = split_problem(cfg, cfg.eval.split)
+    if problem:
+        fail("eval.split", f"eval.split = {cfg.eval.split!r}: {problem}")
     if cfg.eval.few > cfg.eval.many:
         fail("eval.few", f"eval.few = {cfg.eval.few} exceeds eval.many = {cfg.eval.many}")
 
@@ -81,4 +85,4 @@ ENGINE = Part({
         "additional": F("any", None, nullable=True,
                         help="mapping of further sbatch options, e.g. {exclusive: true}"),
     },
-}, _check_shots, owner=__name__)
+}, _check_eval, owner=__name__)

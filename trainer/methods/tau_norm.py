@@ -8,6 +8,7 @@ import copy
 import torch
 
 import configspec as spec
+from data_pipelines.build import split_problem
 
 from ..metrics import evaluate_predictions
 from ..models import LinearHead
@@ -33,6 +34,13 @@ class TauNorm(FrozenBackbone):
         "split": spec.F("str", "val", "val", "test", "train",
                         help="split that chooses tau (val; 'test' only to reproduce oracles)"),
     }}
+
+    @classmethod
+    def check_config(cls, cfg, fail):
+        problem = cfg.tau_norm.tau is None and split_problem(cfg, cfg.tau_norm.split)
+        if problem:
+            fail("tau_norm.split", f"tau_norm.split = {cfg.tau_norm.split!r}: {problem}")
+        super().check_config(cfg, fail)
 
     def __init__(self, cfg, data, device):
         super().__init__(cfg, data, device)
