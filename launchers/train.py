@@ -134,9 +134,15 @@ def check_processes(plan, nproc: int, oversubscribe: bool = False):
     refused here, before anything runs, not after an earlier stage has trained."""
     if nproc < 1:
         raise ConfigError(f"command line: --nproc {nproc} must be >= 1")
+    import torch
+    for stage in plan:   # this machine runs it: a GPU asked for must be here
+        for key, value in (("engine.device", stage.cfg.engine.device),
+                           ("data.dali_device", stage.cfg.data.dali_device)):
+            if value in ("cuda", "gpu") and not torch.cuda.is_available():
+                raise ConfigError(f"stage '{stage.name}': {key} = {value!r} but no CUDA device "
+                                  f"is visible here")
     if nproc > 1 and "RANK" not in os.environ:   # launch() spawns nproc processes
         if not oversubscribe:
-            import torch
             gpus = (torch.cuda.device_count() if torch.cuda.is_available()
                     and plan[0].cfg.engine.device != "cpu" else 0)
             have, what = (gpus, "visible GPUs") if gpus else (len(os.sched_getaffinity(0)),

@@ -292,3 +292,11 @@ def test_a_split_the_task_does_not_have_is_refused(cfg_file, over, message):
     with pytest.raises(ConfigError, match=message):
         load_plan(cfg_file, over)
     load_plan(cfg_file, over + ["data.val_per_class=5", "data.val_list=c"])   # now it has one
+
+
+@pytest.mark.parametrize("over", ["engine.device=cuda", "data.dali_device=gpu"])
+def test_a_gpu_asked_for_must_be_visible(cfg_file, capsys, monkeypatch, over):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, err = dry_run(capsys, cfg_file, over)
+    key, value = over.split("=")
+    assert rc == 2 and f"{key} = '{value}' but no CUDA device is visible here" in err
