@@ -157,6 +157,20 @@ def test_pipeline_stage_with_changed_config_or_upstream_is_refused(over, tmp_pat
     assert (root / "a" / "results.json").exists()
 
 
+def test_keys_of_unused_components_and_run_settings_are_not_fingerprinted(over):
+    """Another loss's margin, the pool of a method that reads none, the log cadence: free;
+    the loss actually used: fingerprinted."""
+    from trainer.run_folder import fingerprint
+    digest = lambda *extra: fingerprint(load_config(CE, over + list(extra)), 1)["digest"]
+    base = digest()
+    assert digest("loss.ldam_s=10", "semi.rho_u=50", "engine.log_every=1",
+                  "data.workers=2", "checkpoint.every_steps=3", "run.out_dir=/elsewhere") == base
+    assert digest("loss.name=focal") != base
+    ldam = ("loss.name=ldam", "model.head=cosine")
+    assert digest(*ldam, "loss.ldam_s=10") != digest(*ldam)
+    assert fingerprint(load_config(CE, over), 2)["digest"] != base    # the number of processes
+
+
 def test_allowed_change_extends_a_finished_run(over, tmp_path, main):
     """sched.epochs may grow on resume when named in run.allow_change: training continues from
     the final checkpoint, the old final evaluation becomes epoch 3's, each record once."""

@@ -99,11 +99,43 @@ def _ignored(key: str) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in IGNORED)
 
 
+def _declared(config: dict) -> set[str]:
+    return {f"{section}.{key}" for section, fields in config.items() for key in fields}
+
+
+def unused_keys(cfg: dict) -> set[str]:
+    """Keys of components this run does not use, so they cannot change its result: those
+    declared only by registry members it did not choose (another loss's margin, MoCo's queue
+    in a supervised run), and the unlabeled pool's keys when its method reads no pool (so
+    pipelines may share a labels-only stage between cells that differ in the pool)."""
+    from configspec import Registry
+    from data_pipelines.unlabeled_pool import CONFIG as POOL
+
+    from .components import PARTS
+    from .methods import METHODS
+    used, other = set(), set()
+    for part in PARTS:
+        if isinstance(part, Registry):
+            chosen = (cfg.get(part.section) or {}).get(part.name_key)
+            used |= _declared(part.common.config) | {part.key}
+            for name, member in part.parts.items():
+                (used if name == chosen else other).update(_declared(member.config))
+        else:
+            used |= _declared(part.config)
+    unused = other - used
+    method = METHODS.get((cfg.get("method") or {}).get("name"))
+    if method is not None and not getattr(method, "reads_pool", True):
+        unused |= _declared(POOL.config)
+    return unused
+
+
 def result_keys(cfg: dict) -> dict:
     """The config's result-affecting keys, dotted, JSON-normalised (tuples become lists)."""
-    flat = _flatten(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
-    return json.loads(json.dumps({k: v for k, v in sorted(flat.items()) if not _ignored(k)},
-                                 default=str))
+    data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    skip = unused_keys(data)
+    flat = _flatten(data)
+    return json.loads(json.dumps({k: v for k, v in sorted(flat.items())
+                                  if not _ignored(k) and k not in skip}, default=str))
 
 
 def _upstream_folder(value) -> str | None:
