@@ -156,7 +156,8 @@ def test_pool_from_a_list_file_excludes_training_and_listed_test_images(tmp_path
         (tmp_path / f"{split}.txt").write_text("".join(rows or lines["train"] + lines["test"]))
     over = ["data.source=list", f"data.root={tmp_path}", f"data.train_list={tmp_path}/train.txt",
             f"data.test_list={tmp_path}/test.txt", "data.num_classes=3", "data.n_max=20",
-            "data.rho=4", "semi.source=list", f"semi.list={tmp_path}/all.txt", "semi.rho_u=1"]
+            "data.rho=4", "data.stats=imagenet", "semi.source=list", f"semi.list={tmp_path}/all.txt",
+            "semi.rho_u=1"]  # a list source names its normalization statistics
     cfg = load_config(None, over + ["semi.size=1"])      # 35 images: 11 per class
     # class 0: 40 listed - 20 in the long-tailed subset - 10 test images = 10
     with pytest.raises(DataError, match="class 0 needs 11 but only 10 are available"):
