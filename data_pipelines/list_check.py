@@ -205,12 +205,15 @@ def _check_files(report: ListReport, parsed: dict, root: str, sample: int, decod
 def check_split_lists(lists: Mapping[str, Optional[str]], root: Optional[str] = None,
                       num_classes: Optional[int] = None, classes: Optional[Sequence[int]] = None,
                       many: int = 100, few: int = 20, sample: int = 1000, decode: int = 8,
-                      check_all_files: bool = False, seed: int = 0) -> ListReport:
+                      check_all_files: bool = False, seed: int = 0,
+                      empty_train_ok: bool = False) -> ListReport:
     """Check the split lists {"train": path, "val": path, "test": path} (None: not used).
 
     ``num_classes`` is the label range (data.num_classes; None: the largest label + 1);
     ``classes`` restricts the task to those labels as data.classes does; ``root`` is the image
-    root (None: the files are not checked). Returns every problem found, never raises.
+    root (None: the files are not checked). ``empty_train_ok``: classes without a training
+    image are a note, not a problem (methods that do without them, e.g. MoCo pre-training).
+    Returns every problem found, never raises.
     """
     report = ListReport()
     parsed = {}
@@ -258,8 +261,12 @@ def check_split_lists(lists: Mapping[str, Optional[str]], root: Optional[str] = 
             ids = [task[i] for i in empty]
             need = ("training needs at least one image per class" if split == "train"
                     else "every class should have evaluation images")
-            report.problems.append(f"{split} list {p.path}: {len(empty):,} of {len(task):,} "
-                                   f"classes have no image: {_ids(ids)}; {need} {hint}")
+            text = (f"{split} list {p.path}: {len(empty):,} of {len(task):,} classes have no "
+                    f"image: {_ids(ids)}")
+            if split == "train" and empty_train_ok:
+                report.notes.append(f"{text} (the method trains without them)")
+            else:
+                report.problems.append(f"{text}; {need} {hint}")
         summary = SplitSummary(split, p.path, int(counts[split].sum()), counts[split])
         if train_counts is not None:
             summary.shots = _shots(train_counts, counts[split], many, few)

@@ -36,6 +36,7 @@ import torch
 from configspec import F, Registry
 
 from .augment import AUGMENTS, DEFAULT_STATS
+from .cpus import cpus_per_process, loader_workers
 from .sources import ArraySource, DataError, FileSource, base_indices
 
 AUGMENT_KINDS = tuple(AUGMENTS)
@@ -240,14 +241,8 @@ def choose_backend(cfg, dataset) -> str:
 
 def _threads(cfg, key: str) -> int:
     """Loader threads per process: the key if set, else data.workers, else the cores we own."""
-    n = int(cfg.get(key) or 0) or int(cfg.get("workers") or 0)
-    if n <= 0:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except AttributeError:
-            n = os.cpu_count() or 1
-        n = max(1, n // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
-    return n
+    n = int(cfg.get(key) or 0) or min(int(cfg.get("workers") or 0), cpus_per_process())
+    return n if n > 0 else cpus_per_process()
 
 
 def make_train_loader(cfg, dataset, sampler, *, batch_size: int, seed: int, in_channels: int,
@@ -312,17 +307,19 @@ def _torchvision_loader(cfg, dataset, sampler, batch_size, seed, spec, policy):
     # Pinned batches make the engine's non_blocking copies asynchronous (from pageable memory
     # they are synchronous); the pinning runs in the DataLoader's own thread.
     pin = torch.cuda.is_available()
+    workers = loader_workers(cfg["workers"])   # never more than this process's cores allow
     if policy == "fail":
-        return build_torchvision_loader(dataset, sampler, batch_size, cfg["workers"], seed,
+        return build_torchvision_loader(dataset, sampler, batch_size, workers, seed,
                                         pin_memory=pin)
-    return SkippingLoader(dataset, sampler, batch_size, cfg["workers"], seed, pin_memory=pin)
+    return SkippingLoader(dataset, sampler, batch_size, workers, seed, pin_memory=pin)
 
 
 # Every backend reads data.workers and data.on_bad_image; DALI and FFCV add their own keys.
 LOADERS = Registry("data.loader", default="torchvision",
                    help="auto = DALI on GPU if installed, else FFCV if installed and the data "
                         "set's .beton exists, else torchvision", config={"data": {
-                            "workers": F("int", 0, ge=0, help="DataLoader workers per rank"),
+                            "workers": F("int", 0, ge=0, help="DataLoader workers per rank, "
+                                         "capped to its cores - 1 (data_pipelines/cpus.py)"),
                             "on_bad_image": F("str", "fail", *BAD_IMAGE_POLICIES,
                                               help="missing/corrupt image: stop with its path, "
                                                    "or drop and count"),

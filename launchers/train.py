@@ -22,10 +22,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_pipelines.build import check_data_paths  # noqa: E402
-from data_pipelines.loaders import backend_problems  # noqa: E402
 from data_pipelines.sources import DataError  # noqa: E402
 from data_pipelines.unlabeled_pool import check_pool_paths  # noqa: E402
+from launchers.plan_check import (DataProblems, check_plan_data, data_summary,  # noqa: E402
+                                  describe_stages)
 from trainer import distributed as dist_utils  # noqa: E402
 from trainer.checkpoint import DiskError  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
@@ -114,17 +114,26 @@ def parse_args(argv=None):
 
 
 def prepare(config: str, overrides: list[str], dry_run: bool = False):
-    """Load and check everything a run needs; raises ConfigError / DataError with the key."""
+    """Load and check everything a run needs; raises ConfigError, or DataProblems with every
+    data problem of every stage (the list files parsed and checked: launchers/plan_check.py).
+    dry_run: print the plan (batch, lr used, steps, samples per epoch) first, even when the
+    data are missing."""
     plan = load_plan(config, overrides)
+    problems, reports = check_plan_data(plan)
     for i, stage in enumerate(plan):
-        problems = check_data_paths(stage.cfg.data) + backend_problems(stage.cfg.data)
+        found = []
         if METHODS[stage.cfg.method.name].reads_pool:
-            problems += check_pool_paths(stage.cfg.semi)
-        problems += check_input_files(stage.cfg, [s.run_dir for s in plan[:i]])
-        if problems:
-            raise DataError(f"stage '{stage.name}': " + "; ".join(problems))
+            found += check_pool_paths(stage.cfg.semi)
+        found += check_input_files(stage.cfg, [s.run_dir for s in plan[:i]])
+        problems += [f"stage '{stage.name}': {p}" for p in found]
     if dry_run:
         print(describe_plan(plan))
+        print(describe_stages(plan, reports))
+        summary = data_summary(plan, reports)
+        if summary:
+            print(summary)
+    if problems:
+        raise DataProblems(problems)
     return plan
 
 
@@ -179,7 +188,8 @@ USER_ERRORS = {ConfigError: "config error", DataError: "data error",
 
 def report_user_error(exc: Exception, kinds: dict = USER_ERRORS) -> int:
     kind = next(label for cls, label in kinds.items() if isinstance(exc, cls))
-    print(f"{kind}: {exc}", file=sys.stderr)
+    for line in getattr(exc, "problems", None) or [exc]:   # DataProblems: one line each
+        print(f"{kind}: {line}", file=sys.stderr)
     return 2
 
 

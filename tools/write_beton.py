@@ -70,14 +70,27 @@ def _datasets(args):
         return [(f"{args.source} {args.split}", open_source(args.source, args.root, args.split),
                  args.beton_dir)]
     from data_pipelines.build import build_data
-    from trainer.config import load_config
+    from trainer.pipeline import load_plan
 
-    cfg = load_config(args.config, args.overrides)
-    bundle = build_data(cfg.data, eval_splits=(cfg.eval.split,))
-    directory = args.beton_dir or cfg.data.beton_dir or DEFAULT_BETON_DIR
-    out = [("train", bundle.train.source, directory)]
-    out += [(split, bundle.eval_dataset(split).source, directory) for split in bundle.evals]
+    plan = load_plan(args.config, args.overrides)   # a plain config is a one-stage plan
+    out, seen = [], set()
+    for stage in plan:   # each distinct data section once (stages often share theirs)
+        cfg = stage.cfg
+        key = repr([(k, v) for k, v in sorted(cfg.data.items()) if k not in PER_STAGE])
+        if (key, cfg.eval.split) in seen:
+            continue
+        seen.add((key, cfg.eval.split))
+        bundle = build_data(cfg.data, eval_splits=(cfg.eval.split,))
+        directory = args.beton_dir or cfg.data.beton_dir or DEFAULT_BETON_DIR
+        name = f"stage '{stage.name}' " if len(plan) > 1 else ""
+        out.append((f"{name}train", bundle.train.source, directory))
+        out += [(f"{name}{split}", bundle.eval_dataset(split).source, directory)
+                for split in bundle.evals]
     return out
+
+
+# data.* keys that change the batches or the pixels' augmentation, not the images stored
+PER_STAGE = ("batch_size", "eval_batch_size", "workers", "augment", "dali_threads")
 
 
 def main(argv=None) -> int:
@@ -89,8 +102,12 @@ def main(argv=None) -> int:
         require_backend("ffcv")
         from data_pipelines.ffcv_loader import beton_path_for, write_beton
 
+        written = set()
         for name, source, directory in _datasets(args):
             path = args.out or beton_path_for(source, directory or DEFAULT_BETON_DIR)
+            if path in written:   # the same images as an earlier stage's
+                continue
+            written.add(path)
             if os.path.exists(path) and not args.force:
                 print(f"{name}: {path} exists (--force rewrites it)")
                 continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from typing import Any
 
 import yaml
@@ -15,6 +16,9 @@ import yaml
 from configspec import F, ConfigError, Field, close_match  # noqa: F401  (re-exported)
 
 REQUIRED = "???"  # a value that a config must set (e.g. the data root of ImageNet-LT)
+# `${NAME}` or `${NAME:-default}` in a string value: the environment variable NAME, so shipped
+# configs can find data where each user keeps it (e.g. data.root: ${LTRAINER_DATA}/inat2018).
+ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def schema():
@@ -221,7 +225,7 @@ def resolve(data: dict, origins: dict | None = None, sections=None) -> Config:
     """Check every key, type, name and range against the schema and fill in defaults."""
     origins = origins or {}
     sections = sections or schema().sections
-    out = {}
+    out, unset = {}, {}
     for section, values in data.items():
         if section not in sections:
             raise _unknown(origins, section, list(sections))
@@ -237,23 +241,61 @@ def resolve(data: dict, origins: dict | None = None, sections=None) -> Config:
         for key, field in fields.items():
             dotted = f"{section}.{key}"
             value = given.get(key, copy.deepcopy(field.default))
+            if isinstance(value, str) and "${" in value:
+                value = _expand(value, dotted, unset)
             if value == REQUIRED:
                 sec[key] = REQUIRED
                 continue
             sec[key] = _check_value(field, value, dotted, _where(origins, dotted))
         out[section] = sec
+    if unset:
+        raise _unset_error(unset, origins)
     return _wrap(out)
 
 
+def _expand(value: str, dotted: str, unset: dict):
+    """Substitute `${NAME}` / `${NAME:-default}`; records keys whose variable is unset."""
+    def sub(m):
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            unset.setdefault(name, []).append((dotted, value))
+            return m.group(0)
+        return default
+    return ENV_VAR.sub(sub, value)
+
+
+def _unset_error(unset: dict, origins: dict) -> ConfigError:
+    """Every key that needs an unset environment variable, in one line."""
+    parts = []
+    for name, uses in unset.items():
+        keys = ", ".join(f"{k} = {v!r}" for k, v in uses)
+        where = _where(origins, uses[0][0])
+        parts.append(f"{where}: the environment variable {name} is not set ({keys}); "
+                     f"export {name}=<folder> with that layout, or set "
+                     f"{' '.join(k + '=...' for k, _ in uses)} on the command line")
+    return ConfigError("; ".join(parts))
+
+
 def check_required(cfg: Config, origins: dict | None = None):
+    """Every required key still unset, all in one message (grouped by the file that asks)."""
+    by_where: dict[str, list[str]] = {}
     for section, values in cfg.items():
         if not isinstance(values, dict):
             continue
         for key, value in values.items():
             if value == REQUIRED:
                 dotted = f"{section}.{key}"
-                raise ConfigError(f"{_where(origins or {}, dotted)}: {dotted} is required; set it "
-                                  f"in the config or on the command line ({dotted}=...)")
+                by_where.setdefault(_where(origins or {}, dotted), []).append(dotted)
+    parts = []
+    for where, keys in by_where.items():
+        names = keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
+        verb, it = ("is", "it") if len(keys) == 1 else ("are", "them")
+        parts.append(f"{where}: {names} {verb} required; set {it} in the config or on the "
+                     f"command line ({' '.join(k + '=...' for k in keys)})")
+    if parts:
+        raise ConfigError("; ".join(parts))
 
 
 def check_consistency(cfg: Config, origins: dict | None = None):

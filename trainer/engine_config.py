@@ -38,7 +38,8 @@ ENGINE = Part({
     "engine": {
         "device": F("str", "auto", "auto", "cpu", "cuda"),
         "amp": F("str", "none", "none", "bf16", "fp16"),
-        "threads": F("int", 0, ge=0, help="torch threads per process; 0 = cores / local ranks"),
+        "threads": F("int", 0, ge=0, help="torch threads per process; 0 = OMP_NUM_THREADS, "
+                                           "else SLURM_CPUS_PER_TASK, else cores / local ranks"),
         "log_every": F("int", 50, ge=1, help="steps between log lines"),
         "progress": F("str", "auto", "auto", "bar", "lines", "none"),
         "max_steps": F("int", 0, ge=0, help="stop after this many steps in total (smoke runs); "

@@ -21,6 +21,7 @@ from .ce import ClassWeightedLoss, no_autocast
 @LOSSES.register("balanced_softmax")
 class BalancedSoftmaxLoss(ClassWeightedLoss):
     """Cross-entropy on logits + log(class prior); float32 even under autocast."""
+    needs_counts = True   # log n_y: every class needs a training image
 
     def __init__(self, class_counts: Sequence[int], class_weights: torch.Tensor | None = None,
                  reduction: str = "mean"):

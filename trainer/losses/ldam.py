@@ -42,6 +42,7 @@ class LDAMLoss(ClassWeightedLoss):
     since s=30 times a bf16 cosine loses the margin in rounding. DRW = set_class_weights(CB
     weights) at the switch epoch; weighting follows F.cross_entropy (weighted mean).
     """
+    needs_counts = True   # margins from n_y: every class needs a training image
 
     def __init__(
         self,

@@ -62,6 +62,12 @@ class Method:
             self.init_message = load_pretrained(self.model, cfg.model.init, cfg.model.init_head)
 
     @classmethod
+    def needs_every_class(cls, cfg) -> str | None:
+        """Why this config cannot train with classes that have no training image (None: it
+        can, e.g. self-supervised pre-training or plain CE); see create_method."""
+        return None
+
+    @classmethod
     def check_world(cls, cfg, world: int) -> list[str]:
         """Why this config cannot run on `world` processes (empty: it can)."""
         if cfg.data.batch_size % world:

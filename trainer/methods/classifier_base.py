@@ -48,6 +48,13 @@ class FrozenBackbone(Method):
                                               "augmentation; set data.augment: none")
         super().check_config(cfg, fail)
 
+    @classmethod
+    def needs_every_class(cls, cfg):
+        sampler = cfg.classifier.sampler or cls.default_sampler
+        if sampler != "uniform":
+            return f"method '{cfg.method.name}' samples {sampler.replace('_', '-')} by class"
+        return super().needs_every_class(cfg)
+
     def build_model(self):
         return create_model(self.cfg.model.name, num_classes=self.data.num_classes,
                             in_channels=self.data.in_channels, head=self.cfg.model.head,
