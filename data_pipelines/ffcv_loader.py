@@ -891,18 +891,32 @@ class FfcvLoader:
         return {**off, "image": None, "view0": view(), "view1": view()}
 
     def _normalize_on_device(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> normalized float32 contiguous [B, C, H, W] on the device."""
-        s = self.spec
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        if s.channels == 1:
-            if self.stored_channels == 1:
-                x = x[:, :1]
-            else:
-                w = torch.tensor([0.2989, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
-                x = (x * w).sum(1, keepdim=True)
-        mean = torch.tensor(s.mean, device=x.device).view(1, -1, 1, 1) * 255
-        std = torch.tensor(s.std, device=x.device).view(1, -1, 1, 1) * 255
+        """uint8 [B, H, W, 3] -> normalized float32 contiguous [B, C, H, W] on the device.
+
+        The copy is blocking on purpose: x lives in FFCV's pinned ring buffer, whose slot FFCV's
+        thread refills as soon as we hand the batch on, so an asynchronous copy could read the
+        next batch's bytes. It waits for the copy only, not for queued GPU work."""
+        x = x.to(self.device, non_blocking=False).permute(0, 3, 1, 2).float()
+        gray, mean, std = self._device_constants(x.device)
+        if gray is not None:
+            x = (x * gray).sum(1, keepdim=True)
+        elif self.spec.channels == 1:
+            x = x[:, :1]
         return ((x - mean) / std).contiguous()
+
+    def _device_constants(self, device: torch.device):
+        """(gray weights or None, mean x 255, std x 255) on `device`, built once per device
+        rather than for every view of every batch."""
+        cache = self.__dict__.setdefault("_constants", {})
+        if device not in cache:
+            s = self.spec
+            gray = None
+            if s.channels == 1 and self.stored_channels != 1:
+                gray = torch.tensor([0.2989, 0.587, 0.114], device=device).view(1, 3, 1, 1)
+            mean = torch.tensor(s.mean, device=device).view(1, -1, 1, 1) * 255
+            std = torch.tensor(s.std, device=device).view(1, -1, 1, 1) * 255
+            cache[device] = (gray, mean, std)
+        return cache[device]
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size + (len(self.sampler) % self.batch_size > 0)

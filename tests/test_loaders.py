@@ -384,7 +384,7 @@ def test_engine_trains_fashion_mnist_lt_end_to_end(backend, tiny, tmp_path, beto
                               "data.dali_threads=1", f"data.beton_dir={betons}",
                               f"run.name={backend}"])
     res = train(cfg)
-    assert res["epochs"] == 1 and res["global_step"] == sum(res["class_counts"]) // 32
+    assert res["epochs"] == 1 and res["global_step"] == res["class_count_summary"]["images"] // 32
     assert np.isfinite(res["balanced_error"]) and res["balanced_error"] < 90
     assert (tmp_path / backend / "results.json").exists()
 
@@ -420,3 +420,36 @@ def test_dali_reads_files_off_the_training_thread(jpegs, betons, monkeypatch):
                   size=48, stats="imagenet", batch=8)
     assert sum(len(y) for _, y in loader) == len(jpegs)
     assert threads and all(t.startswith("dali-read") for t in threads), threads
+
+
+def test_ffcv_device_path_builds_its_constants_once_and_copies_blocking(jpegs, betons,
+                                                                          monkeypatch):
+    """Issue 18 item 8: mean/std were rebuilt on the device for every view of every batch, and
+    the non_blocking copy out of FFCV's pinned ring buffer could race FFCV's refill of it."""
+    need("ffcv")
+    from data_pipelines import ffcv_loader
+    from data_pipelines.loaders import augment_spec
+
+    cfg = {"augment": "imagenet", "image_size": 48, "stats": "imagenet", "source": "list"}
+    loader = ffcv_loader.FfcvLoader(ffcv_loader.ensure_beton(jpegs, betons),
+                                    AugmentedDataset(jpegs), SequentialSampler(len(jpegs)), BATCH,
+                                    augment_spec(cfg, False, 3), threads=1, device="cpu")
+    first = collect(loader)
+    assert len(loader._constants) == 1
+    copies = []
+    real_to = torch.Tensor.to
+
+    def spy_to(self, *args, **kw):
+        copies.append(kw.get("non_blocking", False))
+        return real_to(self, *args, **kw)
+
+    def no_new_tensors(*a, **k):
+        raise AssertionError("device constants rebuilt for a batch")
+
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    monkeypatch.setattr(ffcv_loader.torch, "tensor", no_new_tensors)
+    again = collect(loader)
+    monkeypatch.undo()
+    assert copies and not any(copies)          # every copy out of the ring buffer blocks
+    for (xa, ya), (xb, yb) in zip(first, again):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
