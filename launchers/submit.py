@@ -483,7 +483,7 @@ def main(argv=None) -> int:
     try:
         if args.sweep:
             return submit_sweep(args)
-        plan = prepare(args.config, args.overrides)
+        plan = prepare(args.config, args.overrides, dry_run=args.dry_run)   # --dry-run: the plan
         s = slurm_settings(plan, args)
         if not args.local:
             check_cluster(s)
@@ -491,7 +491,8 @@ def main(argv=None) -> int:
     except (*USER_ERRORS, SubmitError) as e:
         return report_user_error(e, {**USER_ERRORS, SubmitError: "cluster error"})
     where = "this machine (--local)" if args.local else f"partition '{s['partition']}'"
-    print(describe_plan(plan))
+    if not args.dry_run:   # prepare printed it, with the batches, lrs and steps
+        print(describe_plan(plan))
     print(f"{s['nodes']} node(s) x {s['tasks_per_node']} task(s) ({s['world_size']} ranks, "
           f"{'NCCL' if s['gpus_per_node'] else 'gloo'}), {s['cpus_per_task']} CPU(s) per task, "
           f"{s['timeout_min']} min per attempt, on {where}")

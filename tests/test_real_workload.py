@@ -275,6 +275,10 @@ def test_inat_dry_run_as_typed_with_ltrainer_data(tmp_path, capsys, monkeypatch)
     rc, out, err = dry_run(capsys, INAT)
     assert rc == 0, err
     assert "8,142 of 8,142 classes" in out and "evaluates on val" in out
+    from launchers import submit    # as users type it (here without a cluster: --local)
+    assert submit.main(["--nodes", "4", "--local", "--dry-run", INAT]) == 0
+    out = capsys.readouterr().out
+    assert "crt: global batch 512" in out and "4 node(s) x 1 task(s) (4 ranks" in out
     monkeypatch.delenv("LTRAINER_DATA")
     rc, out, err = dry_run(capsys, INAT)
     assert rc == 2 and "the environment variable LTRAINER_DATA is not set" in err
