@@ -29,8 +29,8 @@ from launchers.plan_check import (DataProblems, check_plan_data, data_summary,  
 from trainer import distributed as dist_utils  # noqa: E402
 from trainer.checkpoint import DiskError  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
-from trainer.engine import (STOP_EXIT_STATUS, STOP_SIGNALS, Preempted,  # noqa: E402
-                            install_stop_signals)
+from trainer.engine import (STOP_EXIT_STATUS, STOP_SIGNALS, Diverged,  # noqa: E402
+                            Preempted, install_stop_signals)
 from trainer.methods import METHODS  # noqa: E402
 from trainer.pipeline import check_world, describe_plan, load_plan, run_plan  # noqa: E402
 from trainer.run_folder import RunFolderError  # noqa: E402
@@ -183,7 +183,8 @@ def check_input_files(cfg, earlier_dirs) -> list[str]:
 
 # Bad input a user can fix: printed as one line naming its kind, exit status 2, no traceback.
 USER_ERRORS = {ConfigError: "config error", DataError: "data error",
-               RunFolderError: "run folder error", DiskError: "disk error"}
+               RunFolderError: "run folder error", DiskError: "disk error",
+               Diverged: "stopped"}   # "stopped: training diverged: loss ... lr ... batch"
 
 
 def report_user_error(exc: Exception, kinds: dict = USER_ERRORS) -> int:
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
     install_stop_signals()   # one process and torchrun's ranks; --nproc children install theirs
     try:
         results = launch(plan, args.nproc)
-    except (DataError, RunFolderError, DiskError) as e:
+    except (DataError, RunFolderError, DiskError, Diverged) as e:
         return report_user_error(e)
     except ReportedError:
         return 2

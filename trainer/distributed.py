@@ -193,6 +193,29 @@ def all_gather_cat(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Ten
     return torch.cat([b[:n] for b, n in zip(buf, sizes)])
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of `t` (a copy; `t` itself when there is one process)."""
+    if _enabled():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def merge_counts(keys, counts, device) -> tuple:
+    """Sparse counts of every rank summed: each rank has unique int64 `keys` with `counts`
+    (numpy); returns the union of keys, sorted, and their summed counts, on every rank. The
+    data moved grows with the distinct keys, not with the key space (a confusion matrix of
+    C x C cells has at most one key per evaluated image)."""
+    import numpy as np
+    if not _enabled():
+        return np.asarray(keys, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+    pair = torch.stack([torch.as_tensor(keys, dtype=torch.long),
+                        torch.as_tensor(counts, dtype=torch.long)], 1).to(device)
+    pair = all_gather_cat(pair).cpu().numpy()
+    merged, inverse = np.unique(pair[:, 0], return_inverse=True)
+    return merged, np.bincount(inverse, weights=pair[:, 1], minlength=len(merged)).astype(np.int64)
+
+
 def all_to_all_rows(rows: torch.Tensor, send_counts: list[int],
                     recv_counts: list[int]) -> torch.Tensor:
     """Rows [sum(send_counts), ...] cut in rank order, the r-th piece sent to rank r; returns

@@ -9,7 +9,6 @@ scaler, method and RNG states.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -22,16 +21,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data_pipelines.build import build_data
+from data_pipelines.cpus import cpus_per_process
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .config import Config, save_config
 from .methods import create_method
-from .metrics import evaluate_predictions, plot_per_class_accuracy
+from .metrics import metrics_from_confusion, plot_per_class_accuracy
 from .models import export_torchvision_state_dict
-from .optim import build_optimizer
+from .optim import build_optimizer, describe_lr, scaled_lr
 from .run_folder import RunFolder
-from .run_log import Progress, RunLog
+from .results import (PER_CLASS, describe_class_counts, finished_message, split_results,
+                      write_results)
+from .run_log import PlanPosition, Progress, RunLog
 from .schedules import lr_factor
 
 _STOP = threading.Event()
@@ -43,6 +45,19 @@ STOP_CHECK_EVERY = 10
 
 class Preempted(Exception):
     """Raised after a requested stop has been checkpointed; re-running resumes exactly."""
+
+
+class Diverged(FloatingPointError):
+    """The loss is not finite or far above its start (see DIVERGE_*): one line naming the lr
+    and the batch, since a batch changed without its lr is the usual cause."""
+
+
+# Divergence, checked at log steps only (where the loss is on the host already): a loss above
+# DIVERGE_FACTOR x the first logged loss of the run (and above DIVERGE_FLOOR, so a loss that
+# starts near 0 may grow to ordinary values), or above DIVERGE_ABS whatever its start. No loss
+# of this project's recipes comes near these at a sane lr (CE starts at ln C <= 9.1 for 8,142
+# classes); the runaway of issue 12 went 25 -> 2e26.
+DIVERGE_FACTOR, DIVERGE_FLOOR, DIVERGE_ABS = 100.0, 10.0, 1e4
 
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -69,7 +84,7 @@ def seed_everything(seed: int):
 def configure_runtime(cfg: Config, info: dist_utils.DistInfo):
     """Threads, determinism and seeds, before any model or data exists."""
     if info.device.type == "cpu":
-        threads = cfg.engine.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
+        threads = cfg.engine.threads or cpus_per_process(info.local_world_size)
         torch.set_num_threads(threads)
     if cfg.run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -81,8 +96,9 @@ def configure_runtime(cfg: Config, info: dist_utils.DistInfo):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | None = None, folder: RunFolder | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, run_dir: str | None = None, folder: RunFolder | None = None,
+                 position: PlanPosition | None = None):
+        self.cfg, self.position = cfg, position   # position: the stage's place in a pipeline
         self.info = dist_utils.setup(cfg.engine.device, cfg.dist.backend)
         self.device = self.info.device
         self.run_dir = run_dir or os.path.join(cfg.run.out_dir, cfg.run.name)
@@ -90,7 +106,8 @@ class Trainer:
         self.folder = folder or RunFolder(self.run_dir, cfg, self.info.world_size,
                                           self.info.is_main).open()
         configure_runtime(cfg, self.info)
-        self.log = RunLog(self.run_dir, self.info.is_main, cfg.engine.progress)
+        self.log = RunLog(self.run_dir, self.info.is_main, cfg.engine.progress,
+                          position.label if position else "")
         if self.info.is_main and not self.folder.finished:
             for note in self.folder.prepare(save_config):
                 self.log.info(note)
@@ -117,13 +134,15 @@ class Trainer:
             if cfg.run.deterministic and self.device.type == "cpu":
                 train_model.register_comm_hook(None, dist_utils.rank_ordered_mean_hook)
         self.train_model = train_model
-        self.optimizer = build_optimizer(cfg.optim, self.method.param_groups(), self.device)
+        self.optimizer = build_optimizer(cfg.optim, self.method.param_groups(), self.device,
+                                         cfg.data.batch_size)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.engine.amp == "fp16")
 
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.eval_pending = False            # the evaluation after self.epoch is still to do
         self.seconds_before = 0.0            # training time of earlier attempts
+        self.first_loss = None               # the first logged loss (divergence check)
         self._t0 = None
         self.results_path = os.path.join(self.run_dir, "results.json")
         if not self.folder.finished:
@@ -138,7 +157,7 @@ class Trainer:
             "method": self.method.state_dict(),
             "progress": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                          "global_step": self.global_step, "eval_pending": self.eval_pending,
-                         "metrics_records": self.log.records,
+                         "metrics_records": self.log.records, "first_loss": self.first_loss,
                          "train_seconds": self.train_seconds()},
             "rng": rng if rng is not None else [ckpt.rng_state()],   # one state per rank
         }
@@ -178,6 +197,7 @@ class Trainer:
         if self.folder.reopen:   # a finished run continued: its final evaluation is an epoch's
             self.eval_pending = self.step_in_epoch == 0 and self._eval_due()
         self.seconds_before = p.get("train_seconds", 0.0)
+        self.first_loss = p.get("first_loss")
         ckpt.set_rng_state(ckpt.rank_rng_state(state["rng"], self.info.rank))
         self.log.truncate_metrics(keep=p.get("metrics_records"), last_step=self.global_step)
         self.log.info(f"resumed from {path}: epoch {self.epoch}, step {self.step_in_epoch} "
@@ -193,10 +213,11 @@ class Trainer:
         return dist_utils.batch_to_device(batch, self.device, self.memory_format)
 
     def _set_lr(self, step: int, steps: int):
-        f = lr_factor(self.cfg.sched, self.cfg.optim.lr, self.epoch, step, steps)
+        base = scaled_lr(self.cfg.optim, self.cfg.data.batch_size)   # optim.ref_batch
+        f = lr_factor(self.cfg.sched, base, self.epoch, step, steps)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * f
-        return self.cfg.optim.lr * f
+        return base * f
 
     def _optimizer_step(self, loss: torch.Tensor):
         self.scaler.scale(loss).backward()
@@ -223,7 +244,7 @@ class Trainer:
         self.train_model.train()
         progress = Progress(self.log, steps, self.step_in_epoch,
                             f"epoch {self.epoch + 1}/{cfg.sched.epochs}",
-                            cfg.engine.log_every, cfg.data.batch_size)
+                            cfg.engine.log_every, cfg.data.batch_size, self._steps_after(steps))
         for batch in loader:
             lr = self._set_lr(self.step_in_epoch, steps)
             images, labels = self._to_device(batch)
@@ -236,10 +257,7 @@ class Trainer:
             self.step_in_epoch += 1
             if self.global_step % cfg.engine.log_every == 0 or self.step_in_epoch == steps:
                 values = {k: float(v) for k, v in logs.items()}
-                if not math.isfinite(values.get("loss", 0.0)):
-                    raise FloatingPointError(
-                        f"loss is {values['loss']} at epoch {self.epoch}, step "
-                        f"{self.step_in_epoch}: lower optim.lr or set optim.grad_clip")
+                self._check_divergence(values.get("loss"), lr)
                 self.log.metrics({"kind": "train", "step": self.global_step,
                                   "epoch": self.epoch, "lr": lr, **values})
                 progress.update(values)
@@ -257,6 +275,39 @@ class Trainer:
             self.epoch += 1
             self.step_in_epoch = 0
         return finished
+
+    def _check_divergence(self, loss: float | None, lr: float):
+        """Raise Diverged when the loss is not finite or far above its first logged value.
+        Ranks log at the same steps and agree (one all-reduce per log step), so all stop."""
+        if loss is None:
+            return
+        if self.first_loss is None and math.isfinite(loss):
+            self.first_loss = loss
+        limit = max(DIVERGE_FACTOR * (self.first_loss or 0.0), DIVERGE_FLOOR)
+        bad = not (math.isfinite(loss) and loss <= limit and loss <= DIVERGE_ABS)
+        if not (dist_utils.any_rank(bad) if self.info.enabled else bad):
+            return
+        if not bad:
+            why = f"ran away on another rank (here {loss:.4g})"
+        elif not math.isfinite(loss):
+            why = f"is {loss}"
+        elif loss > limit:
+            why = f"{loss:.4g} is over {DIVERGE_FACTOR:g}x its first logged value {self.first_loss:.4g}"
+        else:
+            why = f"{loss:.4g} is over {DIVERGE_ABS:g}"
+        raise Diverged(
+            f"training diverged: loss {why} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
+            f"(global step {self.global_step}); lr used {lr:.4g} (optim.lr = {self.cfg.optim.lr:g}) "
+            f"with data.batch_size = {self.cfg.data.batch_size} (global): lower optim.lr "
+            f"(scale it with the batch) or set optim.grad_clip")
+
+    def _steps_after(self, steps: int) -> int | None:
+        """Pipeline steps after this epoch, for the pipeline ETA (None outside a pipeline)."""
+        if self.position is None:
+            return None
+        budget = self.cfg.engine.max_steps
+        left = budget - self.global_step - (steps - self.step_in_epoch) if budget else None
+        return self.position.steps_after(steps, self.cfg.sched.epochs - self.epoch - 1, left)
 
     def stop_requested(self, steps: int | None = None) -> bool:
         """At a step boundary: has any rank been asked to stop? Several processes agree only
@@ -287,13 +338,15 @@ class Trainer:
 
     def _fit(self) -> dict:
         if self.folder.finished:
-            self.log.info(f"{self.results_path} exists: this run is complete")
-            return self.folder.results()
+            results = self.folder.results()
+            self.log.info(finished_message(self.results_path, results))
+            return results
         cfg = self.cfg
+        counts = describe_class_counts(self.data.class_counts, cfg.eval.many, cfg.eval.few)
         self.log.info(f"training {cfg.method.name} / {cfg.model.name} on {cfg.data.source} "
-                      f"({len(self.data.train)} images, {self.data.num_classes} classes, "
-                      f"counts {self.data.class_counts}) with {self.info.world_size} process(es) "
-                      f"on {self.device}; run folder {self.run_dir}")
+                      f"({counts}) with {self.info.world_size} process(es) "
+                      f"on {self.device}, batch {cfg.data.batch_size}, "
+                      f"{describe_lr(cfg.optim, cfg.data.batch_size)}; run folder {self.run_dir}")
         self._t0 = time.time()
         while True:
             if self.eval_pending:          # after an epoch, or resumed before its evaluation
@@ -312,17 +365,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted and true labels of a whole split, in dataset order."""
+        """Predicted and true labels of this rank's shard of a split (nothing is gathered:
+        evaluate() merges the ranks' confusion counts)."""
         self.method.prepare_eval(self)
-        pred, true = self.embed(split, lambda x: self.method.predict(self.model, x).argmax(1))
+        pred, true = self.embed(split, lambda x: self.method.predict(self.model, x).argmax(1),
+                                gather=False)
         return pred.long().cpu().numpy(), true.cpu().numpy()
 
     @torch.no_grad()
-    def embed(self, split: str, fn, gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, split: str, fn, gather: bool = True, indices: bool = False,
+              on_batch=None) -> tuple:
         """fn(images) for every sample of a split, in dataset order, on every rank (float32);
         an image the loader skipped (data.on_bad_image: skip) has no row. gather=False: this
-        rank's shard only, in its loader's order. Every rank calls fn equally often (with an
-        empty batch where its shard ends early), so fn may use collectives."""
+        rank's shard only, in its loader's order. indices=True: also each row's dataset index
+        (the only way to place rows when images were skipped). Every rank calls fn equally
+        often (with an empty batch where its shard ends early), so fn may use collectives.
+        on_batch(out, labels): called with each real batch's rows instead of keeping them
+        (memory independent of the split: per-class sums); the rows returned are then empty."""
         was_training = self.model.training
         self.model.eval()
         loader = self.data.eval_loader(split)
@@ -331,10 +390,15 @@ class Trainer:
         for batch in loader:
             images, y = self._to_device(batch)
             with self.autocast():
-                feats.append(fn(images).float())
-            labels.append(y)
+                out = fn(images).float()
             ids = getattr(loader, "batch_indices", None)   # the items it delivered, if told
-            index.append(None if ids is None else torch.as_tensor(ids, dtype=torch.long))
+            ids = None if ids is None else torch.as_tensor(ids, dtype=torch.long)
+            if on_batch is not None:
+                on_batch(out, y)
+                out, y, ids = out[:0], y[:0], None if ids is None else ids[:0]
+            feats.append(out)
+            labels.append(y)
+            index.append(ids)
         if max(counts) > len(feats):
             if min(counts) == 0:     # no batch here: take the image shape from a rank with one
                 shape = dist_utils.broadcast_object(None if images is None else images.shape,
@@ -348,24 +412,29 @@ class Trainer:
         if was_training:
             self.train_model.train()
         feats, labels = torch.cat(feats), torch.cat(labels)
-        if not gather:
-            return feats, labels
         w, r = self.info.world_size, self.info.rank
         if any(i is None for i in index):   # no skips possible: rank r held r, r+w, ...
-            order = torch.arange(len(labels)) * w + r
+            ids = torch.arange(len(labels)) * w + r
         else:
-            order = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+            ids = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+        if not gather:
+            return (feats, labels, ids.to(self.device)) if indices else (feats, labels)
         sizes = dist_utils.gather_sizes(len(labels), self.device)
-        order = dist_utils.all_gather_cat(order.to(self.device), sizes).argsort()
-        return (dist_utils.all_gather_cat(feats, sizes)[order],
-                dist_utils.all_gather_cat(labels, sizes)[order])
+        ids = dist_utils.all_gather_cat(ids.to(self.device), sizes)
+        order = ids.argsort()
+        out = (dist_utils.all_gather_cat(feats, sizes)[order],
+               dist_utils.all_gather_cat(labels, sizes)[order])
+        return (*out, ids[order]) if indices else out
 
     def evaluate(self, split: str | None = None) -> dict:
         split = split or self.cfg.eval.split
         dist_utils.broadcast_buffers(self.synced_modules())   # every rank evaluates rank 0's
         pred, true = self.predict(split)
-        m = evaluate_predictions(pred, true, self.data.num_classes, self.data.class_counts,
-                                 many=self.cfg.eval.many, few=self.cfg.eval.few)
+        c = self.data.num_classes   # sparse confusion counts per rank, summed over the ranks
+        codes, counts = np.unique(true.astype(np.int64) * c + pred, return_counts=True)
+        codes, counts = dist_utils.merge_counts(codes, counts, self.device)
+        m = metrics_from_confusion(codes, counts, c, self.data.class_counts,
+                                   many=self.cfg.eval.many, few=self.cfg.eval.few)
         summary = {k: m[k] for k in ("top1", "balanced_top1", "balanced_error",
                                      "many", "medium", "few")}
         self.log.metrics({"kind": f"eval_{split}", "step": self.global_step,
@@ -377,8 +446,12 @@ class Trainer:
         return m
 
     def finish(self, seconds: float) -> dict:
+        """Final evaluation, weights and results; returns what results.json holds (the per-class
+        arrays go to results_per_class.npz). A run that engine.max_steps stopped before its
+        schedule's end is marked "partial"; raising the budget continues it (run_folder)."""
         m = self.evaluate()
-        results = {"name": self.cfg.run.name, "method": self.cfg.method.name,
+        partial = self.epoch < self.cfg.sched.epochs
+        results = {"partial": partial, "max_steps": self.cfg.engine.max_steps, "name": self.cfg.run.name, "method": self.cfg.method.name,
                    "loss": self.cfg.loss.name, "train_rule": self.cfg.train_rule.name,
                    "model": self.cfg.model.name, "seed": self.cfg.run.seed,
                    "split": self.cfg.eval.split, "epochs": self.epoch,
@@ -395,16 +468,16 @@ class Trainer:
                                     os.path.join(d, "per_class_accuracy.png"),
                                     title=f"{self.cfg.run.name}: balanced error "
                                           f"{m['balanced_error']:.2f}%")
-            with ckpt.disk_errors(self.results_path):
-                with open(self.results_path + ".tmp", "w") as f:
-                    json.dump(results, f, indent=1)
-                os.replace(self.results_path + ".tmp", self.results_path)
-            self.log.info(f"results in {self.results_path}")
+            write_results(d, results)
+            self.log.info(f"results in {self.results_path} (per class: {PER_CLASS}), figure "
+                          f"{os.path.join(d, 'per_class_accuracy.png')}"
+                          + (f"; partial: stopped at engine.max_steps = "
+                             f"{self.cfg.engine.max_steps}" if partial else ""))
         dist_utils.barrier()
-        return results
+        return split_results(results)[0]
 
 
-def train(cfg: Config, run_dir: str | None = None) -> dict:
+def train(cfg: Config, run_dir: str | None = None, position: PlanPosition | None = None) -> dict:
     """Run one config to the end (or resume it) in this process; returns results.json.
     The process group stays up, so that a pipeline can run its next stage in it.
     The run folder is checked first (trainer/run_folder.py: same config, no other owner); a
@@ -415,11 +488,12 @@ def train(cfg: Config, run_dir: str | None = None) -> dict:
     folder = RunFolder(run_dir, cfg, world, rank == 0).open()
     try:
         if folder.finished:
+            results = folder.results()
             if rank == 0:
-                print(f"{os.path.join(run_dir, 'results.json')} exists: this run is complete",
+                print((f"{position.label}: " if position else "") + finished_message(os.path.join(run_dir, "results.json"), results),
                       flush=True)
-            return folder.results()
-        trainer = Trainer(cfg, run_dir, folder)
+            return results
+        trainer = Trainer(cfg, run_dir, folder, position)
         try:
             return trainer.fit()
         finally:

@@ -250,7 +250,11 @@ def run_config(run_dir: str, overrides=()):
 
 
 def run_class_counts(run_dir: str) -> list[int]:
-    """Training-set class counts of a run: from results.json, else by opening its data."""
+    """Training-set class counts of a run: from results_per_class.npz (results.json in
+    folders written before it existed), else by opening its data."""
+    from .results import PER_CLASS, load_per_class
+    if os.path.isfile(os.path.join(run_dir, PER_CLASS)):
+        return [int(c) for c in load_per_class(run_dir)["class_counts"]]
     path = os.path.join(run_dir, "results.json")
     if os.path.isfile(path):
         counts = _read_json(path).get("class_counts")

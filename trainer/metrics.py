@@ -36,6 +36,12 @@ def _mean_or_none(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def balanced_accuracy(hits, totals) -> float:
+    """Mean per-class accuracy (%) over the classes with samples, from per-class hit and
+    sample counts (what ranks can sum before dividing)."""
+    return float(np.mean([100.0 * h / t for h, t in zip(hits, totals) if t]))
+
+
 def evaluate_predictions(
     preds: np.ndarray,
     labels: np.ndarray,
@@ -46,42 +52,54 @@ def evaluate_predictions(
 ) -> dict:
     """Accuracy metrics from predicted and true class ids; all accuracies in percent.
 
-    Returns a JSON-friendly dict: "top1", "balanced_top1" (mean per-class accuracy),
-    "balanced_error", "per_class_acc", "many"/"medium"/"few" (mean per-class accuracy of that
-    split, None if the split has no class with test samples), "shot_thresholds",
-    "confusion" (rows = true class, columns = predicted) and "num_samples". A class without
-    test samples gets None in "per_class_acc" and is left out of every mean.
+    Returns a dict: "top1", "balanced_top1" (mean per-class accuracy), "balanced_error",
+    "per_class_acc", "many"/"medium"/"few" (mean per-class accuracy of that split, None if the
+    split has no class with test samples), "shot_thresholds", "confusion" and "num_samples".
+    "confusion" is sparse, {"true", "pred", "count"}: one entry per pair that occurred, so it
+    grows with the samples, not with num_classes squared (see metrics_from_confusion). A class
+    without test samples gets None in "per_class_acc" and is left out of every mean.
     """
     preds = np.asarray(preds).reshape(-1).astype(np.int64)
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     if preds.shape != labels.shape:
         raise ValueError(f"preds and labels differ in size: {preds.size} vs {labels.size}")
-    if labels.size == 0:
+    for name, arr in (("preds", preds), ("labels", labels)):
+        if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+            raise ValueError(f"{name} must lie in [0, {num_classes})")
+    codes, counts = np.unique(labels * num_classes + preds, return_counts=True)
+    return metrics_from_confusion(codes, counts, num_classes, train_class_counts, many, few)
+
+
+def metrics_from_confusion(codes: np.ndarray, counts: np.ndarray, num_classes: int,
+                           train_class_counts: Sequence[int], many: int = 100,
+                           few: int = 20) -> dict:
+    """evaluate_predictions' result from sparse confusion counts: `codes` = true * C + pred
+    (unique), `counts` how often each occurred. Ranks that evaluated shards of a split merge
+    their counts and call this; the result equals evaluating the whole split at once."""
+    codes, counts = np.asarray(codes, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
         raise ValueError("no predictions to evaluate")
     if len(train_class_counts) != num_classes:
         raise ValueError(f"{len(train_class_counts)} class counts for {num_classes} classes")
-    for name, arr in (("preds", preds), ("labels", labels)):
-        if arr.min() < 0 or arr.max() >= num_classes:
-            raise ValueError(f"{name} must lie in [0, {num_classes})")
-
-    confusion = np.bincount(labels * num_classes + preds, minlength=num_classes**2)
-    confusion = confusion.reshape(num_classes, num_classes)
-    per_class_total = confusion.sum(axis=1)
+    true, pred = codes // num_classes, codes % num_classes
+    per_class_total = np.bincount(true, weights=counts, minlength=num_classes)
+    correct = np.bincount(true[true == pred], weights=counts[true == pred], minlength=num_classes)
     per_class_acc: list[float | None] = [
-        100.0 * confusion[c, c] / per_class_total[c] if per_class_total[c] else None
+        100.0 * correct[c] / per_class_total[c] if per_class_total[c] else None
         for c in range(num_classes)
     ]
     present = [a for a in per_class_acc if a is not None]
     balanced = float(np.mean(present))
 
     result = {
-        "top1": 100.0 * float(np.trace(confusion)) / labels.size,
+        "top1": 100.0 * float(correct.sum()) / total,
         "balanced_top1": balanced,
         "balanced_error": 100.0 - balanced,
         "per_class_acc": [None if a is None else float(a) for a in per_class_acc],
         "shot_thresholds": {"many": f">{many}", "medium": f"{few}-{many}", "few": f"<{few}"},
-        "confusion": confusion.tolist(),
-        "num_samples": int(labels.size),
+        "confusion": {"true": true, "pred": pred, "count": counts},
+        "num_samples": total,
     }
     for split_name, ids in shot_split(train_class_counts, many=many, few=few).items():
         result[split_name] = _mean_or_none([per_class_acc[c] for c in ids if per_class_acc[c] is not None])

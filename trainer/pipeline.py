@@ -144,14 +144,29 @@ def describe_plan(plan: list[Stage]) -> str:
 def run_plan(plan: list[Stage]) -> dict:
     """Run the stages in order in this process (every rank runs this); finished stages are
     skipped by the engine itself, so re-running continues where the run stopped."""
+    from .distributed import env_ranks
     from .engine import train
     from .run_folder import RunFolderError
+    from .run_log import PlanPosition
     results = {}
-    for stage in plan:
+    for i, stage in enumerate(plan):
+        later = tuple((s.cfg.sched.epochs, s.cfg.engine.max_steps) for s in plan[i + 1:])
+        position = PlanPosition(i + 1, len(plan), stage.name, later) if len(plan) > 1 else None
         try:
-            results[stage.name] = train(stage.cfg, stage.run_dir)
+            results[stage.name] = train(stage.cfg, stage.run_dir, position)
         except RunFolderError as e:
             if len(plan) == 1:
                 raise
             raise RunFolderError(f"stage '{stage.name}': {e}") from None
+    if len(plan) > 1 and env_ranks()[0] == 0:
+        print(where_results(plan), flush=True)
     return results
+
+
+def where_results(plan: list[Stage]) -> str:
+    """The pipeline's last words: each stage's results, per-class arrays and figure."""
+    from .results import PER_CLASS
+    lines = [f"pipeline done ({len(plan)} stages); per stage: results.json, {PER_CLASS}, "
+             f"per_class_accuracy.png in"]
+    lines += [f"  {s.name}: {s.run_dir}" for s in plan]
+    return "\n".join(lines)

@@ -63,14 +63,24 @@ def from_probs(probs, hidden=None, threshold: float = 0.0, top_k: int = 0,
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 2:
         raise ValueError(f"expected (N, C) probabilities, got shape {probs.shape}")
-    labels = probs.argmax(1).astype(np.int64)
-    confidence = probs.max(1)
-    num_classes = probs.shape[1]
+    return from_predictions(probs.argmax(1), probs.max(1), probs.shape[1], hidden, threshold,
+                            top_k, probs if keep_probs else None, **meta)
+
+
+def from_predictions(labels, confidence, num_classes: int, hidden=None, threshold: float = 0.0,
+                     top_k: int = 0, probs=None, present=None, **meta) -> PseudoLabels:
+    """Pseudo-labels from each row's argmax class and its probability (what ranks gather
+    instead of N x C probabilities). `present`: False for pool images that could not be
+    read (data.on_bad_image: skip); they get label 0, confidence 0 and are never selected."""
+    labels = np.asarray(labels).astype(np.int64)
+    confidence = np.asarray(confidence, dtype=np.float32)
     chosen = select(labels, confidence, num_classes, threshold, top_k)
+    if present is not None:
+        chosen &= np.asarray(present, dtype=bool)
     hidden = None if hidden is None else np.asarray(hidden, dtype=np.int64)
     meta = {"format": FORMAT, "version": VERSION, "num_classes": num_classes,
             "count": len(labels), "threshold": threshold, "top_k": top_k, **meta}
-    return PseudoLabels(labels, confidence, chosen, hidden, probs if keep_probs else None, meta)
+    return PseudoLabels(labels, confidence, chosen, hidden, probs, meta)
 
 
 def accuracy_report(pl: PseudoLabels) -> dict:

@@ -6,13 +6,39 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from .checkpoint import disk_errors
 
 
+@dataclass
+class PlanPosition:
+    """Where a stage stands in its pipeline, for its log lines ("stage 2/4 (ce): ...") and the
+    pipeline's ETA. `later`: (epochs, engine.max_steps) of each stage after this one."""
+    index: int
+    total: int
+    name: str
+    later: tuple = ()
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.index}/{self.total} ({self.name})"
+
+    def steps_after(self, steps_per_epoch: int, epochs_left: int, max_steps_left: int) -> int:
+        """Training steps after the current epoch: the rest of this stage (capped by its
+        max_steps) and the later stages, each guessed at this stage's steps per epoch (the
+        same training set; a class-aware cRT epoch can be longer, NCM/tau-norm train none)."""
+        mine = epochs_left * steps_per_epoch
+        if max_steps_left is not None:
+            mine = max(0, min(mine, max_steps_left))
+        return mine + sum(min(e * steps_per_epoch, m) if m else e * steps_per_epoch
+                          for e, m in self.later)
+
+
 class RunLog:
-    def __init__(self, run_dir: str, enabled: bool, progress: str = "auto"):
+    def __init__(self, run_dir: str, enabled: bool, progress: str = "auto", prefix: str = ""):
         self.enabled = enabled
+        self.prefix = f"{prefix}: " if prefix else ""   # a pipeline's "stage 2/4 (ce)"
         self.run_dir = run_dir
         self.progress = progress
         self.records = 0   # metrics records in metrics.jsonl (checkpoints store the count)
@@ -30,7 +56,7 @@ class RunLog:
     def info(self, msg: str):
         if not self.enabled:
             return
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        line = f"[{time.strftime('%H:%M:%S')}] {self.prefix}{msg}"
         print(line, flush=True)
         self._log.write(line + "\n")
         self._log.flush()
@@ -77,15 +103,20 @@ class RunLog:
 
 
 class Progress:
-    """A tqdm bar on a terminal, periodic 'step i/n, img/s, ETA' lines otherwise."""
+    """A tqdm bar on a terminal, periodic 'step i/n, img/s, ETA' lines otherwise. In a
+    pipeline (`after`: the steps still to come after this epoch, see PlanPosition) the lines
+    add the pipeline's ETA: all remaining steps at this epoch's rate, evaluations not counted."""
 
-    def __init__(self, log: RunLog, total: int, start: int, desc: str, every: int, batch: int):
+    def __init__(self, log: RunLog, total: int, start: int, desc: str, every: int, batch: int,
+                 after: int | None = None):
         self.log, self.total, self.done, self.every, self.batch = log, total, start, every, batch
+        self.after = after
         self.t0, self.start = time.time(), start
         self.bar = None
         if log.enabled and log.progress == "bar":
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, leave=False)
+            self.bar = tqdm(total=total, initial=start, desc=log.prefix + desc,
+                            dynamic_ncols=True, leave=False)
         self.desc = desc
 
     def update(self, postfix: dict):
@@ -100,8 +131,10 @@ class Progress:
             rate = (self.done - self.start) / elapsed
             eta = (self.total - self.done) / max(rate, 1e-9)
             stats = " ".join(f"{k} {v:.4g}" for k, v in postfix.items())
+            overall = ("" if self.after is None else
+                       f", pipeline ETA {(self.total - self.done + self.after) / max(rate, 1e-9):.0f}s")
             self.log.info(f"{self.desc} step {self.done}/{self.total} {stats} "
-                          f"{rate * self.batch:.0f} img/s ETA {eta:.0f}s")
+                          f"{rate * self.batch:.0f} img/s ETA {eta:.0f}s{overall}")
 
     def close(self):
         if self.bar is not None:

@@ -7,6 +7,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as dist_utils
 from ..models import LinearHead
 from . import register
 from .classifier_base import FrozenBackbone
@@ -18,6 +19,10 @@ class NCM(FrozenBackbone):
     reinit_head = False
     trains = False
 
+    @classmethod
+    def needs_every_class(cls, cfg):
+        return "method 'ncm' needs a mean feature of each class's training images"
+
     def __init__(self, cfg, data, device):
         super().__init__(cfg, data, device)
         self.means = None
@@ -28,10 +33,20 @@ class NCM(FrozenBackbone):
     def prepare_eval(self, trainer) -> None:
         if self.means is not None:
             return
-        feats, labels = trainer.embed("train", self.normalized_features)
-        sums = torch.zeros(self.data.num_classes, feats.shape[1], device=feats.device)
-        sums.index_add_(0, labels, feats)
-        self.means = F.normalize(sums, dim=1)
+        # Class sums batch by batch, summed over the ranks: memory is C x D whatever the
+        # split's size. float64, so that the sums hardly depend on how the split was cut.
+        acc = {}
+
+        def add(feats, labels):
+            if "sums" not in acc:
+                acc["sums"] = feats.new_zeros((self.data.num_classes, feats.shape[1]),
+                                              dtype=torch.float64)
+            acc["sums"].index_add_(0, labels, feats.double())
+
+        feats, _ = trainer.embed("train", self.normalized_features, gather=False, on_batch=add)
+        sums = acc.get("sums", feats.new_zeros((self.data.num_classes, feats.shape[1]),
+                                               dtype=torch.float64))
+        self.means = F.normalize(dist_utils.all_reduce_sum(sums), dim=1).float()
 
     @torch.no_grad()
     def predict(self, model, images):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 import configspec as spec
@@ -56,11 +57,27 @@ class PseudoLabel(SupervisedBase):
     def prepare_eval(self, trainer) -> None:
         if self.report is not None:
             return
-        probs, _ = trainer.embed(POOL_SPLIT, lambda x: torch.softmax(self.model(x).float(), 1))
-        s = self.cfg.semi
-        pl = pseudo_labels.from_probs(probs.cpu().numpy(), self.pool.hidden, s.threshold,
-                                      s.top_k, s.save_probs, pool_fingerprint=self.pool.fingerprint,
-                                      checkpoint=self.cfg.model.init, pool=self.pool.summary())
+        s, c, n = self.cfg.semi, self.data.num_classes, len(self.pool.hidden)
+
+        def predict(x):   # per image: (confidence, class) and, only if kept, the probabilities
+            p = torch.softmax(self.model(x).float(), 1)
+            conf, label = p.max(1)
+            return torch.cat([conf[:, None], label[:, None].float()]
+                             + ([p] if s.save_probs else []), 1)
+        # Rows placed by their dataset index: images the loader skipped have none
+        out, _, index = trainer.embed(POOL_SPLIT, predict, indices=True)
+        out, index = out.cpu().numpy(), index.cpu().numpy()
+        conf, label = np.zeros(n, np.float32), np.zeros(n, np.int64)
+        present = np.zeros(n, bool)
+        conf[index], label[index], present[index] = out[:, 0], out[:, 1], True
+        probs = None
+        if s.save_probs:
+            probs = np.zeros((n, c), np.float32)
+            probs[index] = out[:, 2:]
+        pl = pseudo_labels.from_predictions(
+            label, conf, c, self.pool.hidden, s.threshold, s.top_k, probs, present,
+            pool_fingerprint=self.pool.fingerprint, checkpoint=self.cfg.model.init,
+            pool=self.pool.summary(), unread=int(n - present.sum()))
         if trainer.info.is_main:
             pseudo_labels.save(os.path.join(trainer.run_dir, pseudo_labels.FILE), pl)
         dist_utils.barrier()

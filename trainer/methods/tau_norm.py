@@ -10,7 +10,8 @@ import torch
 import configspec as spec
 from data_pipelines.build import split_problem
 
-from ..metrics import evaluate_predictions
+from .. import distributed as dist_utils
+from ..metrics import balanced_accuracy
 from ..models import LinearHead
 from . import register
 from .classifier_base import FrozenBackbone
@@ -57,13 +58,19 @@ class TauNorm(FrozenBackbone):
     def prepare_eval(self, trainer) -> None:
         if self.tau is not None:
             return
-        split = self.cfg.tau_norm.split
-        feats, labels = trainer.embed(split, self.model.backbone)
-        y = labels.cpu().numpy()
-        for tau in self.cfg.tau_norm.grid:
-            pred = self.logits(feats, tau).argmax(1).cpu().numpy()
-            m = evaluate_predictions(pred, y, self.data.num_classes, self.data.class_counts)
-            self.search[f"{tau:g}"] = m["balanced_top1"]
+        split, grid, c = self.cfg.tau_norm.split, self.cfg.tau_norm.grid, self.data.num_classes
+        # Per batch, every tau's prediction (no features kept); per rank, each tau's per-class
+        # hits and totals, summed over the ranks (2 x grid x C numbers, whatever the split).
+        preds, labels = trainer.embed(split, lambda x: torch.stack(
+            [self.logits(self.model.backbone(x), tau).argmax(1) for tau in grid], 1),
+            gather=False)
+        y = labels.long()
+        hits = torch.stack([torch.bincount(y[preds[:, i].long() == y], minlength=c)
+                            for i in range(len(grid))])
+        counts = dist_utils.all_reduce_sum(torch.cat([hits, torch.bincount(y, minlength=c)[None]]))
+        counts = counts.cpu().numpy()
+        for i, tau in enumerate(grid):
+            self.search[f"{tau:g}"] = balanced_accuracy(counts[i], counts[-1])
         best = max(self.search, key=self.search.get)
         self.tau = float(best)
         trainer.log.info(f"tau-norm: tau = {best} chosen on '{split}' (balanced accuracy "
