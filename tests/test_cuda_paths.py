@@ -279,3 +279,56 @@ def test_default_cpus_per_task_without_node_info():
     assert _submit_settings(workers=8, gpus=8)["cpus_per_task"] == 8   # DEFAULT_CPUS_PER_GPU
     assert _submit_settings(workers=3, gpus=8)["cpus_per_task"] == 4
     assert _submit_settings(workers=8, gpus=0)["cpus_per_task"] == 1
+
+
+# ----------------------------------------------------------------- model.sync_bn (issue 18.3)
+
+def test_sync_bn_converts_only_on_cuda_with_several_ranks():
+    """At 4 images per GPU per-rank BatchNorm statistics are noise: model.sync_bn makes them
+    SyncBatchNorm under NCCL; gloo has none, and one process needs none."""
+    from trainer.distributed import DistInfo, sync_batchnorm
+    model = create_model("resnet8", num_classes=3)
+    params = [id(p) for p in model.parameters()]
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    for info, why in [(DistInfo(world_size=4, device=torch.device("cpu")), "gloo"),
+                      (DistInfo(world_size=1, device=torch.device("cuda", 0)), "one process")]:
+        same, note = sync_batchnorm(model, True, info)
+        assert same is model and why in note
+        assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert sync_batchnorm(model, False, DistInfo(world_size=4, device=torch.device("cuda", 0))) \
+        == (model, "")
+    synced, note = sync_batchnorm(model, True, DistInfo(world_size=4,
+                                                        device=torch.device("cuda", 0)))
+    assert "4 ranks" in note
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == n_bn
+    assert [id(p) for p in synced.parameters()] == params   # the optimizer's tensors stay
+
+
+@pytest.mark.parametrize("method,extra,refused", [
+    ("supervised", [], False),
+    ("moco", ["data.augment=moco", "moco.queue=1024"], True),
+    ("crt", ["model.init=/nonexistent.pt"], True),
+])
+def test_sync_bn_is_refused_where_it_cannot_apply(method, extra, refused):
+    from trainer.config import ConfigError, load_config
+    over = [f"method.name={method}", "model.sync_bn=true", "data.batch_size=128", *extra]
+    if not refused:
+        assert load_config(None, over).model.sync_bn is True
+        return
+    with pytest.raises(ConfigError, match="model.sync_bn does not apply to method"):
+        load_config(None, over)
+
+
+def test_engine_reports_sync_bn_ignored_on_one_cpu_process(tiny):
+    from trainer.config import load_config
+    from trainer.engine import Trainer
+    cfg = load_config(None, tiny + ["model.sync_bn=true", "sched.epochs=1",
+                                    "sched.warmup_epochs=0", "sched.milestones=[]"])
+    trainer = Trainer(cfg)
+    try:
+        assert not any(isinstance(m, nn.SyncBatchNorm) for m in trainer.model.modules())
+        log = open(f"{trainer.run_dir}/run.log").read()
+        assert "model.sync_bn ignored here (one process)" in log
+    finally:
+        trainer.folder.close()
+        trainer.log.close()

@@ -314,3 +314,17 @@ def run_local(fn, nproc: int, kwargs: dict):
     mp.start_processes(_local_worker, args=(nproc, free_port(), fn, kwargs), nprocs=nproc,
                        start_method="spawn")
     return None
+
+
+def sync_batchnorm(module: torch.nn.Module, wanted: bool, info: DistInfo):
+    """(module, note): BatchNorm layers made SyncBatchNorm when `model.sync_bn` asks for it and
+    it can run: CUDA with several processes (NCCL). At a few images per GPU, per-rank batch
+    statistics are too noisy; gloo has no SyncBatchNorm, and alone it equals BatchNorm, so
+    elsewhere the module stays as it is and the note says so."""
+    if not wanted:
+        return module, ""
+    if info.enabled and info.device.type == "cuda":
+        return (torch.nn.SyncBatchNorm.convert_sync_batchnorm(module),
+                f"model.sync_bn: BatchNorm statistics over all {info.world_size} ranks")
+    why = "one process" if not info.enabled else "no SyncBatchNorm on CPU (gloo)"
+    return module, f"model.sync_bn ignored here ({why}): per-rank BatchNorm"

@@ -126,7 +126,10 @@ class Trainer:
         self.memory_format = (torch.channels_last if cfg.model.channels_last
                               else torch.contiguous_format)
         self.model = self.model.to(memory_format=self.memory_format)
-        module = self.method.train_module()
+        module, note = dist_utils.sync_batchnorm(self.method.train_module(),
+                                                 cfg.model.sync_bn, self.info)
+        if note:
+            self.log.info(note)
         train_model = torch.compile(module) if cfg.model.compile else module
         if self.info.enabled:
             train_model = DDP(train_model, device_ids=[self.device.index]

@@ -36,11 +36,18 @@ class Method:
                        help="weights to start from: a run folder, a checkpoint (ours, MoCo's "
                             "'module.encoder_q.' format or a torchvision state dict) or '@stage'"),
         "init_head": spec.F("bool", False, help="also load the classifier (tau-norm, LWS)"),
+        "sync_bn": spec.F("bool", False, help="SyncBatchNorm over the ranks (a few images per "
+                                              "GPU); CUDA with several processes, else ignored"),
     }}
+    no_sync_bn: str | None = None  # why model.sync_bn cannot apply to this method, if so
 
     @classmethod
     def check_config(cls, cfg, fail) -> None:
         """Cross-key rules of this method (a subclass adds its own, then calls super)."""
+        why_not = cls.no_sync_bn or (None if cls.trains else "it does not train")
+        if cfg.model.sync_bn and why_not:
+            fail("model.sync_bn", f"model.sync_bn does not apply to method "
+                                  f"'{cfg.method.name}': {why_not}")
         if not cls.trains and cfg.sched.epochs != 0:
             fail("sched.epochs", f"method '{cfg.method.name}' does not train: set "
                                  f"sched.epochs: 0 (and sched.warmup_epochs: 0)")

@@ -19,6 +19,7 @@ from .base import Method, SamplerChoice
 
 
 class FrozenBackbone(Method):
+    no_sync_bn = "its backbone is frozen, in eval mode"
     default_sampler = "class_aware"
     reinit_head = True
     needs_trained_head = False   # adjusts the classifier of stage 1 (LWS, tau-norm)

@@ -61,6 +61,7 @@ def _on(index: torch.Tensor, device: torch.device) -> torch.Tensor:
 @register
 class MoCo(SelfSupervised):
     name = "moco"
+    no_sync_bn = "MoCo shuffles BatchNorm across the ranks itself (moco.bn_splits)"
     config = {"moco": {
         "dim": spec.F("int", 128, ge=1, help="projection (key) dimension"),
         "queue": spec.F("int", 65536, ge=1, help="K: queue length, a multiple of the global "
