@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, needs_fmnist, run_cli
 
 INAT = os.path.join(ROOT, "configs", "inat_moco_crt.yaml")
 INLT = os.path.join(ROOT, "configs", "imagenet_lt_moco_crt.yaml")
@@ -123,7 +123,7 @@ def test_plan_prints_batch_lr_steps_and_crt_samples_even_without_images(tmp_path
 
 # ------------------------------------------------------------------ finding 7: lr scaling
 
-def test_linear_lr_scaling_from_the_reference_batch(tmp_path):
+def test_linear_lr_scaling_from_the_reference_batch():
     """optim.lr is for optim.ref_batch: batch 32 with ref 256 trains at lr x 1/8, and the
     run's first log line says so; null (the default) keeps the lr as given."""
     from trainer.config import load_config
@@ -139,16 +139,18 @@ def test_linear_lr_scaling_from_the_reference_batch(tmp_path):
     assert plain.optim.ref_batch is None
     opt = build_optimizer(plain.optim, [{"params": params}], torch.device("cpu"), 32)
     assert opt.param_groups[0]["base_lr"] == pytest.approx(0.2)
-    # the engine trains with it (the lr it logs) and says how in the first log line
-    from tests.conftest import FMNIST
-    if not os.path.exists(FMNIST):
-        pytest.skip("apt-get install dataset-fashion-mnist")
+
+
+@needs_fmnist
+def test_the_engine_trains_at_the_scaled_lr_and_logs_it(tmp_path, small_test_list):
+    """The lr of the metrics (what the optimizer steps with) and the first log line."""
     from launchers.train import launch, prepare
     plan = prepare(os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml"), [
         f"run.out_dir={tmp_path}", "data.n_max=20", "data.rho=2", "data.batch_size=32",
         "model.name=resnet8", "sched.epochs=1", "sched.warmup_epochs=0", "sched.name=constant",
         "optim.lr=0.2", "optim.ref_batch=256", "engine.max_steps=2", "engine.log_every=1",
-        "eval.every_epochs=0", "engine.progress=none", "data.eval_batch_size=500"])
+        "eval.every_epochs=0", "engine.progress=none", "data.eval_batch_size=300",
+        f"data.test_list={small_test_list}"])
     launch(plan)
     log = open(os.path.join(plan[0].run_dir, "run.log")).read()
     assert "batch 32, lr 0.025 (optim.lr 0.2 x batch 32 / optim.ref_batch 256)" in log
