@@ -108,11 +108,20 @@ def stage1(tmp_path_factory, small_test_list):
 
 
 @needs_fmnist
-def test_ncm_tau_norm_and_evaluation_per_rank_match_one_process(tiny, tmp_path, stage1):
+def test_ncm_tau_norm_and_evaluation_per_rank_match_one_process(tiny, tmp_path, stage1,
+                                                                monkeypatch):
     """Finding 9: NCM (class sums), tau-norm's choice (per-class hits per tau) and the
     evaluation (sparse confusion counts) reduce per rank instead of gathering the split's
     features on every rank; 2 gloo processes give what 1 process gives."""
     from launchers.train import launch
+    from trainer.engine import Trainer
+    kept, embed = [], Trainer.embed
+
+    def recording(self, *args, **kw):   # what each split-wide pass leaves in memory
+        out = embed(self, *args, **kw)
+        kept.append((len(out[0]), out[0][0].numel() if len(out[0]) else 0))
+        return out
+    monkeypatch.setattr(Trainer, "embed", recording)
     common = [f"model.init={stage1}", "model.name=mlp", "data.val_per_class=20", "sched.epochs=0",
               "sched.warmup_epochs=0"]
 
@@ -124,7 +133,10 @@ def test_ncm_tau_norm_and_evaluation_per_rank_match_one_process(tiny, tmp_path, 
             cfg = load_config(CE, tiny + common + extra + [f"run.name={tag}_{name}"])
             out.append(Stage(name, cfg, str(tmp_path / tag / name)))
         return out
-    one, two = launch(plan("one"), nproc=1), launch(plan("two"), nproc=2)
+    one = launch(plan("one"), nproc=1)               # in this process: embed is recorded
+    width = 64                                        # the MLP backbone's feature size
+    assert kept and all(rows == 0 or cols < width for rows, cols in kept), kept
+    two = launch(plan("two"), nproc=2)
     assert two["ncm"]["world_size"] == 2
     assert one["tau"]["tau_search"] == two["tau"]["tau_search"] and one["tau"]["tau"] == two["tau"]["tau"]
     for name in ("ncm", "tau"):
