@@ -241,8 +241,9 @@ def choose_backend(cfg, dataset) -> str:
 
 def _threads(cfg, key: str) -> int:
     """Loader threads per process: the key if set, else data.workers, else the cores we own."""
-    n = int(cfg.get(key) or 0) or min(int(cfg.get("workers") or 0), cpus_per_process())
-    return n if n > 0 else cpus_per_process()
+    cores = cpus_per_process(omp=False)   # loader threads: Slurm's or the cores' budget
+    n = int(cfg.get(key) or 0) or min(int(cfg.get("workers") or 0), cores)
+    return n if n > 0 else cores
 
 
 def make_train_loader(cfg, dataset, sampler, *, batch_size: int, seed: int, in_channels: int,

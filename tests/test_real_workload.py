@@ -245,6 +245,11 @@ def test_threads_and_workers_follow_the_allocation(monkeypatch):
     assert cpus.cpus_per_process() == 6 and cpus.loader_workers(8) == 5
     monkeypatch.setenv("OMP_NUM_THREADS", "3")   # torch threads; workers keep Slurm's budget
     assert cpus.cpus_per_process() == 3 and cpus.loader_workers(8) == 5
+    from data_pipelines.loaders import _threads   # DALI / FFCV threads: the same budget
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")    # as torchrun sets it
+    assert _threads({"workers": 8, "dali_threads": 0}, "dali_threads") == 6
+    assert _threads({"workers": 0, "dali_threads": 0}, "dali_threads") == 6
+    assert _threads({"workers": 8, "dali_threads": 3}, "dali_threads") == 3
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
     assert cpus.loader_workers(8) == 0 and cpus.loader_workers(0) == 0
     # engine.threads: 0 takes that budget, a number is taken as given
