@@ -38,10 +38,9 @@ def test_results_json_stays_small_at_8142_classes(tmp_path):
     back = load_per_class(str(tmp_path))
     assert back["class_counts"].tolist() == counts
     assert per_class_accuracy(back) == m["per_class_acc"]          # None <-> NaN
-    dense = confusion_matrix(back)
-    want = np.zeros((c, c), np.int64)
-    np.add.at(want, (labels, preds), 1)
-    assert np.array_equal(dense, want)
+    codes, n = np.unique(labels * c + preds, return_counts=True)   # sparse: no C x C array
+    assert np.array_equal(back["confusion_true"] * c + back["confusion_pred"], codes)
+    assert np.array_equal(back["confusion_count"], n)
     line = describe_class_counts(counts)
     assert "8142 classes" in line and "median" in line and len(line) < 200
 
@@ -161,3 +160,30 @@ def test_pipeline_shows_stage_position_eta_and_where_results_are(tiny, tmp_path,
     assert re.search(r"stage 2/2 \(second\): .*pipeline ETA \d+s", out)
     assert "pipeline done (2 stages)" in out and str(tmp_path / "p" / "second") in out
     assert "stage 2/2 (second)" in (tmp_path / "p" / "second" / "run.log").read_text()
+
+
+def test_pseudo_labels_place_rows_by_dataset_index_when_images_were_skipped():
+    """With data.on_bad_image: skip the pool pass returns only the images read, with their
+    dataset indices: row i must still label pool image i, and an unread image is never
+    selected (it used to shift every later label by one row)."""
+    from trainer.methods.pseudo_label import POOL_SPLIT, PseudoLabel
+    n, c, skipped = 8, 3, [2, 5]
+    logits = torch.nn.functional.one_hot(torch.arange(n) % c, c).float() * 5
+    kept = torch.tensor([i for i in range(n) if i not in skipped])
+
+    def embed(split, fn, gather=True, indices=False):
+        assert split == POOL_SPLIT and indices
+        return fn(kept), kept % c, kept
+    lines = []
+    me = SimpleNamespace(
+        report=None, model=lambda idx: logits[idx], data=SimpleNamespace(num_classes=c),
+        cfg=SimpleNamespace(semi=SimpleNamespace(threshold=0.0, top_k=0, save_probs=True),
+                            model=SimpleNamespace(init="stage1")),
+        pool=SimpleNamespace(hidden=np.arange(n) % c, fingerprint="fp", summary=lambda: {}))
+    trainer = SimpleNamespace(embed=embed, info=SimpleNamespace(is_main=False),
+                              log=SimpleNamespace(info=lines.append))
+    PseudoLabel.prepare_eval(me, trainer)
+    rep = me.report
+    assert rep["count"] == n and rep["selected"] == n - len(skipped)
+    assert rep["accuracy"] == 100.0                 # every read image got its own label
+    assert [p["selected"] for p in rep["per_class"]] == [3, 3, 0]   # 2 and 5 are class 2
