@@ -126,6 +126,19 @@ def test_changed_config_is_refused_after_finish_and_half_way(over, tmp_path, mai
     assert records(tmp_path / "done") == records(half)
 
 
+def test_a_key_added_to_the_trainer_later_at_its_default_is_no_change():
+    """A run folder recorded before optim.ref_batch / model.sync_bn existed must still resume
+    when they stay at their defaults (which keep the old behaviour); another value is a
+    change, and a key that disappeared is one too."""
+    from trainer.run_folder import _diff
+    old = {"optim.lr": 0.1}
+    assert _diff(old, {"optim.lr": 0.1, "optim.ref_batch": None, "model.sync_bn": False}) == {}
+    assert _diff(old, {"optim.lr": 0.1, "model.sync_bn": True}) == {
+        "model.sync_bn": ("(not set)", True)}
+    assert _diff({"optim.lr": 0.1, "x.gone": 1}, {"optim.lr": 0.1}) == {
+        "x.gone": (1, "(not set)")}
+
+
 def test_pipeline_stage_with_changed_config_or_upstream_is_refused(over, tmp_path, main):
     """A finished stage is not reused when its config, its data (data.classes) or the stage it
     starts from changed."""

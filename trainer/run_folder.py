@@ -178,10 +178,25 @@ def _fmt(v) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
+def _default_of(key: str):
+    """The schema default of a dotted key (a sentinel for keys the schema does not declare)."""
+    from .config import schema
+    section, _, name = key.partition(".")
+    field = schema().sections.get(section, {}).get(name)
+    return json.loads(json.dumps(field.default, default=str)) if field else _NO_DEFAULT
+
+
+_NO_DEFAULT = object()
+
+
 def _diff(old: dict, new: dict) -> dict:
+    """Keys whose values differ. A key the old record lacks but whose new value is its
+    default is not a change: it was added to the trainer after that run, and a new key's
+    default keeps what the trainer did before (e.g. optim.ref_batch, model.sync_bn)."""
     missing = "(not set)"
     return {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new))
-            if old.get(k, missing) != new.get(k, missing)}
+            if old.get(k, missing) != new.get(k, missing)
+            and not (k not in old and new[k] == _default_of(k))}
 
 
 def _has_run(run_dir: str) -> bool:
