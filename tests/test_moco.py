@@ -229,3 +229,25 @@ def test_two_processes_with_unequal_local_batches(tmp_path):
         assert got["ptr"] == ref.queue_ptr == sum(map(sum, UNEVEN_STEPS)) % 12
         assert [n for _, n in got["sent"]][:-1] == [s[r] for s in UNEVEN_STEPS]
         assert got["sent"][-1][0] == str(torch.bfloat16)
+
+
+def test_split_bn_takes_a_short_batch_in_uneven_groups():
+    """One process emulating 4 BN groups used to raise on a batch one image short (an image
+    skipped as unreadable); now each contiguous group (sizes 3, 2, 2, 2 of 9) is normalised on
+    its own, and the running statistics follow the first group, as for full batches."""
+    import torch
+    from torch import nn
+
+    from trainer.models.split_bn import SplitBatchNorm2d
+    torch.manual_seed(0)
+    x = torch.randn(9, 3, 4, 4)
+    split = SplitBatchNorm2d(3, num_splits=4).train()
+    ref = nn.BatchNorm2d(3).train()
+    y = split(x)
+    groups = torch.tensor_split(x, 4)
+    want = torch.cat([nn.functional.batch_norm(g, None, None, training=True) for g in groups])
+    torch.testing.assert_close(y, want)
+    ref(groups[0])
+    torch.testing.assert_close(split.running_mean, ref.running_mean)
+    torch.testing.assert_close(split.running_var, ref.running_var)
+    assert int(split.num_batches_tracked) == 1

@@ -25,7 +25,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         n, c, h, w = x.shape
         if n % k:
-            raise ValueError(f"SplitBatchNorm2d: batch of {n} does not split into {k} groups")
+            return self._uneven_groups(x, k)
         # The groups side by side as channels, (n/k, k*c, h, w): one native batch-norm call
         # computes every group's statistics (faster on CPU than reducing a 5-d view).
         channels_last = x.dim() == 4 and not x.is_contiguous() \
@@ -45,6 +45,22 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
                 self.num_batches_tracked += 1
         y = y.view(n // k, k, c, h, w).transpose(0, 1).reshape(n, c, h, w)
         return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+
+    def _uneven_groups(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """A short batch (data.on_bad_image: skip dropped an image): contiguous groups whose
+        sizes differ by at most one, as the samplers would cut it, one batch-norm call each
+        (rare, so the slower path is fine); running statistics follow the first group."""
+        m = self.momentum if self.momentum is not None else 0.1
+        out = []
+        for i, part in enumerate(p for p in torch.tensor_split(x, k) if len(p)):
+            first = i == 0 and self.track_running_stats
+            out.append(F.batch_norm(part, self.running_mean if first else None,
+                                    self.running_var if first else None, self.weight,
+                                    self.bias, True, m, self.eps))
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+        return torch.cat(out)
 
 
 def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
