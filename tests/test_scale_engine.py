@@ -187,3 +187,22 @@ def test_pseudo_labels_place_rows_by_dataset_index_when_images_were_skipped():
     assert rep["count"] == n and rep["selected"] == n - len(skipped)
     assert rep["accuracy"] == 100.0                 # every read image got its own label
     assert [p["selected"] for p in rep["per_class"]] == [3, 3, 0]   # 2 and 5 are class 2
+
+
+@needs_fmnist
+def test_smoke_pipeline_continues_to_the_full_budget(tiny, tmp_path):
+    """Finding 8 in a pipeline: after a max_steps smoke run of every stage, the full run
+    continues the first stage and starts the second over from the first's new weights (its
+    start weights changed), instead of refusing it for its upstream's fingerprint."""
+    from trainer.pipeline import load_plan
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(f"_base_: {CE}\nstages:\n  - name: a\n  - name: b\n"
+                   f"    model: {{init: '@a'}}\n")
+    over = tiny + ["model.name=mlp", "sched.epochs=1", "run.name=two"]
+    smoke = run_plan(load_plan(str(cfg), over + ["engine.max_steps=2"]))
+    assert smoke["a"]["partial"] and smoke["b"]["partial"]
+    full = run_plan(load_plan(str(cfg), over + ["engine.max_steps=0",
+                                                "run.allow_change=[engine.max_steps]"]))
+    assert not full["a"]["partial"] and not full["b"]["partial"]
+    assert full["a"]["global_step"] == full["b"]["global_step"] > 2
+    assert "starting over from its new weights" in (tmp_path / "two" / "b" / "run.log").read_text()

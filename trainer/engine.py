@@ -183,7 +183,8 @@ class Trainer:
         dist_utils.barrier()
 
     def _resume(self):
-        path = ckpt.last_checkpoint(self.run_dir)
+        # a restarted partial stage starts fresh on every rank, whenever rank 0 cleared it
+        path = None if self.folder.restart else ckpt.last_checkpoint(self.run_dir)
         if path is None:   # records of an attempt killed before its first checkpoint go
             self.log.truncate_metrics(keep=0)
             return

@@ -16,9 +16,8 @@ import numpy as np
 
 from .checkpoint import atomic_write, disk_errors
 from .metrics import shot_split
-from .run_folder import RESULTS
+from .run_folder import PER_CLASS, RESULTS
 
-PER_CLASS = "results_per_class.npz"
 TOP_CONFUSED = 20
 # Entries of an evaluation that hold one value per class (or the confusion): kept out of the JSON.
 PER_CLASS_KEYS = ("per_class_acc", "confusion", "class_counts")

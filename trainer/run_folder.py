@@ -33,6 +33,8 @@ from .checkpoint import LAST, disk_errors
 FINGERPRINT = "fingerprint.json"
 LOCK = "run.lock"
 RESULTS = "results.json"
+PER_CLASS = "results_per_class.npz"   # written beside it by trainer/results.py
+METRICS = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 
 # Keys that cannot change what a run computes, so a re-run may differ in them. Why, per key:
@@ -210,7 +212,7 @@ class RunFolder:
     def __init__(self, run_dir: str, cfg, world_size: int = 1, is_main: bool = True):
         self.run_dir, self.cfg, self.is_main = run_dir, cfg, is_main
         self.fp = fingerprint(cfg, world_size)
-        self.finished = self.reopen = self.adopted = False
+        self.finished = self.reopen = self.adopted = self.restart = False
         self.changes: dict = {}
         self._lock_fd = None
 
@@ -242,6 +244,11 @@ class RunFolder:
             old, new = recorded["keys"], self.fp["keys"]
         self.changes = _diff(old, new)
         refused = {k: v for k, v in self.changes.items() if k not in allow}
+        if refused and "engine.max_steps" in allow and self._partial() and all(
+                k.endswith(" fingerprint") for k in refused):
+            # A smoke stage whose upstream stage was continued to a larger budget: its start
+            # weights changed, so it starts over from them (prepare() clears the old attempt)
+            self.restart, refused = True, {}
         if refused:
             listed = "; ".join(f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in refused.items())
             resumable = [k for k in refused if k in RESUMABLE]
@@ -253,7 +260,7 @@ class RunFolder:
                 f"resume: {', '.join(RESUMABLE)})")
         done = os.path.isfile(os.path.join(self.run_dir, RESULTS))
         self.finished = done and not self.changes
-        self.reopen = done and bool(self.changes)
+        self.reopen = done and bool(self.changes) and not self.restart
 
     def _legacy_keys(self) -> dict | None:
         """A folder without fingerprint.json: None when it holds no run yet; else the keys of
@@ -269,6 +276,15 @@ class RunFolder:
             data = yaml.safe_load(f) or {}
         return result_keys(data)
 
+    def _partial(self) -> bool:
+        """The folder holds results of a run that engine.max_steps stopped early."""
+        path = os.path.join(self.run_dir, RESULTS)
+        try:
+            with open(path) as f:
+                return json.load(f).get("partial") is True
+        except (OSError, ValueError, AttributeError):
+            return False
+
     def results(self) -> dict:
         with open(os.path.join(self.run_dir, RESULTS)) as f:
             return json.load(f)
@@ -282,7 +298,13 @@ class RunFolder:
         removed = remove_stale_temps(self.run_dir)
         if removed:
             notes.append(f"removed temporary files of an interrupted save: {', '.join(removed)}")
-        if self.reopen:  # before the new fingerprint: a rank reading both never sees it done
+        if self.restart:  # results first: a rank reading the folder never sees it done
+            for name in (RESULTS, PER_CLASS, LAST, METRICS):
+                if os.path.exists(os.path.join(self.run_dir, name)):
+                    os.remove(os.path.join(self.run_dir, name))
+            notes.append("the stage this partial run starts from was continued: starting over "
+                         f"from its new weights ({RESULTS}, {LAST} and {METRICS} removed)")
+        elif self.reopen:  # before the new fingerprint: a rank reading both never sees it done
             os.remove(os.path.join(self.run_dir, RESULTS))
             notes.append(f"continuing the finished run; {RESULTS} removed")
         if self.changes:
