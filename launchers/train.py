@@ -29,8 +29,9 @@ from launchers.plan_check import (DataProblems, check_plan_data, data_summary,  
 from trainer import distributed as dist_utils  # noqa: E402
 from trainer.checkpoint import DiskError  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
-from trainer.engine import (STOP_EXIT_STATUS, STOP_SIGNALS, Diverged,  # noqa: E402
-                            Preempted, install_stop_signals)
+from trainer.divergence import Diverged  # noqa: E402
+from trainer.engine import (STOP_EXIT_STATUS, STOP_SIGNALS, Preempted,  # noqa: E402
+                            install_stop_signals)
 from trainer.methods import METHODS  # noqa: E402
 from trainer.pipeline import check_world, describe_plan, load_plan, run_plan  # noqa: E402
 from trainer.run_folder import RunFolderError  # noqa: E402

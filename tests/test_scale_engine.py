@@ -48,7 +48,8 @@ def test_results_json_stays_small_at_8142_classes(tmp_path):
 def test_divergence_is_caught_above_the_start_not_only_at_nan():
     """Finding 7: a cRT loss went 25 -> 2e26 without tripping the non-finite check. A loss
     100x its first logged value (or over 1e4) stops, naming the lr used and the batch."""
-    from trainer.engine import Diverged, Trainer
+    from trainer.divergence import Diverged
+    from trainer.engine import Trainer
     fake = SimpleNamespace(first_loss=None, epoch=0, step_in_epoch=5, global_step=5,
                            info=SimpleNamespace(enabled=False),
                            cfg=SimpleNamespace(optim=SimpleNamespace(lr=0.2),

@@ -9,7 +9,6 @@ scaler, method and RNG states.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import signal
@@ -26,6 +25,7 @@ from data_pipelines.cpus import cpus_per_process
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .config import Config, save_config
+from .divergence import check_loss
 from .methods import create_method
 from .metrics import metrics_from_confusion, plot_per_class_accuracy
 from .models import export_torchvision_state_dict
@@ -45,19 +45,6 @@ STOP_CHECK_EVERY = 10
 
 class Preempted(Exception):
     """Raised after a requested stop has been checkpointed; re-running resumes exactly."""
-
-
-class Diverged(FloatingPointError):
-    """The loss is not finite or far above its start (see DIVERGE_*): one line naming the lr
-    and the batch, since a batch changed without its lr is the usual cause."""
-
-
-# Divergence, checked at log steps only (where the loss is on the host already): a loss above
-# DIVERGE_FACTOR x the first logged loss of the run (and above DIVERGE_FLOOR, so a loss that
-# starts near 0 may grow to ordinary values), or above DIVERGE_ABS whatever its start. No loss
-# of this project's recipes comes near these at a sane lr (CE starts at ln C <= 9.1 for 8,142
-# classes); the runaway of issue 12 went 25 -> 2e26.
-DIVERGE_FACTOR, DIVERGE_FLOOR, DIVERGE_ABS = 100.0, 10.0, 1e4
 
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -281,29 +268,13 @@ class Trainer:
         return finished
 
     def _check_divergence(self, loss: float | None, lr: float):
-        """Raise Diverged when the loss is not finite or far above its first logged value.
-        Ranks log at the same steps and agree (one all-reduce per log step), so all stop."""
-        if loss is None:
-            return
-        if self.first_loss is None and math.isfinite(loss):
-            self.first_loss = loss
-        limit = max(DIVERGE_FACTOR * (self.first_loss or 0.0), DIVERGE_FLOOR)
-        bad = not (math.isfinite(loss) and loss <= limit and loss <= DIVERGE_ABS)
-        if not (dist_utils.any_rank(bad) if self.info.enabled else bad):
-            return
-        if not bad:
-            why = f"ran away on another rank (here {loss:.4g})"
-        elif not math.isfinite(loss):
-            why = f"is {loss}"
-        elif loss > limit:
-            why = f"{loss:.4g} is over {DIVERGE_FACTOR:g}x its first logged value {self.first_loss:.4g}"
-        else:
-            why = f"{loss:.4g} is over {DIVERGE_ABS:g}"
-        raise Diverged(
-            f"training diverged: loss {why} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
-            f"(global step {self.global_step}); lr used {lr:.4g} (optim.lr = {self.cfg.optim.lr:g}) "
-            f"with data.batch_size = {self.cfg.data.batch_size} (global): lower optim.lr "
-            f"(scale it with the batch) or set optim.grad_clip")
+        """Stop on a runaway loss (trainer/divergence.py); ranks agree at each log step."""
+        if loss is not None:
+            self.first_loss = check_loss(
+                loss, self.first_loss, lr=lr, optim_lr=self.cfg.optim.lr,
+                batch_size=self.cfg.data.batch_size, agree=dist_utils.any_rank
+                if self.info.enabled else None, where=f"epoch {self.epoch + 1}, step "
+                f"{self.step_in_epoch} (global step {self.global_step})")
 
     def _steps_after(self, steps: int) -> int | None:
         """Pipeline steps after this epoch, for the pipeline ETA (None outside a pipeline)."""
