@@ -68,11 +68,11 @@ def _wrong(ctx):
 
 
 def test_failing_and_hanging_parts_are_reported_and_the_rest_runs(tmp_path, monkeypatch):
-    extra = [gpu_check.Part("boom", _boom, 30, "test"), gpu_check.Part("hang", _hang, 30, "test"),
+    extra = [gpu_check.Part("boom", _boom, 30, "test"), gpu_check.Part("hang", _hang, 3, "test"),
              gpu_check.Part("wrong", _wrong, 30, "test"),
              gpu_check.Part("missing", _missing, 30, "test")]
     monkeypatch.setattr(gpu_check, "PARTS", gpu_check.PARTS + extra)
-    monkeypatch.setattr(gpu_check, "SMOKE_LIMIT_S", 3)
+    # only the hanging part has a 3 s limit: the real ones keep theirs on a loaded machine
     work, out = tmp_path / "work", tmp_path / "r"
     code = gpu_check.main(["--cpu-smoke", "--parts", "boom,hang,wrong,missing,ldam_autocast",
                            "--out", str(out), "--work", str(work)])

@@ -264,7 +264,8 @@ def main(argv=None) -> int:
     try:
         for i, part in enumerate(chosen, 1):
             left = budget - (time.perf_counter() - t0)
-            limit = min(SMOKE_LIMIT_S if args.cpu_smoke else part.limit_s, left)
+            # smoke parts never get more time than on a GPU, nor more than SMOKE_LIMIT_S
+            limit = min(part.limit_s, SMOKE_LIMIT_S if args.cpu_smoke else part.limit_s, left)
             print(f"[{i}/{len(chosen)}] {part.name} (limit {limit:.0f} s)", flush=True)
             if no_gpu:
                 res = {"status": "skipped", "reason": no_gpu}
