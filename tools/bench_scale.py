@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,6 +136,7 @@ def m_first_step(name, folder, args):
            *TINY, f"run.out_dir={out}", "data.batch_size=64", "pretrain.data.batch_size=64",
            "moco.queue=1024"]
     s, mb, _ = run_command(cmd, until=" step 1/")
+    shutil.rmtree(out, ignore_errors=True)
     return {"seconds": s, "peak_mb": mb, "what": "train.py CONFIG: start to the MoCo stage's "
                                                  "step 1 log line (ResNet-8, 16 px, batch 64)"}
 
@@ -143,9 +145,8 @@ def m_results(name, folder, args):
     """A single-stage CE run of one step that then evaluates on every class: results.json as the
     engine writes it."""
     out = tempfile.mkdtemp(prefix="bench_scale_")
-    over = [o for o in data_overrides(name, folder) if not o.startswith("data.test_list")]
-    cmd = [sys.executable, "launchers/train.py", SINGLE[name], *over, *TINY,
-           f"run.out_dir={out}", "engine.max_steps=1", "data.batch_size=64",
+    cmd = [sys.executable, "launchers/train.py", SINGLE[name], *data_overrides(name, folder),
+           *TINY, f"run.out_dir={out}", "engine.max_steps=1", "data.batch_size=64",
            "data.eval_batch_size=512", "eval.split=val"]
     s, mb, _ = run_command(cmd)
     path = next(os.path.join(d, "results.json") for d, _, files in os.walk(out)
@@ -153,6 +154,7 @@ def m_results(name, folder, args):
     size = os.path.getsize(path)
     extra = sum(os.path.getsize(os.path.join(os.path.dirname(path), f))
                 for f in os.listdir(os.path.dirname(path)) if f.endswith(".npz"))
+    shutil.rmtree(out, ignore_errors=True)
     return {"seconds": s, "peak_mb": mb, "bytes": size,
             "what": f"results.json {size / 1e3:,.0f} KB (+ .npz {extra / 1e3:,.0f} KB) after "
                     f"a 1-step CE run evaluated on val (whole run)"}
