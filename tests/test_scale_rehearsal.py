@@ -17,8 +17,7 @@ import pytest
 from tests.conftest import ROOT, run_cli
 from tests.test_slurm import SUBMIT, _submitit_missing, cluster, submit, wait_done  # noqa: F401
 
-LISTS = "/work/shared/lists" if os.path.isdir("/work/shared/lists") else \
-    os.path.join(os.path.dirname(ROOT), "shared", "lists")
+LISTS = os.path.join(os.path.dirname(ROOT), "shared", "lists")   # ../shared/lists (its README)
 MAKE = os.path.join(ROOT, "tools", "make_synthetic_lt.py")
 TRAIN = os.path.join(ROOT, "launchers", "train.py")
 # MoCo's aug+ costs ~20 ms per 16-px image here (40x the ImageNet recipe): its batches stay
