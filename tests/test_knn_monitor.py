@@ -82,3 +82,63 @@ def test_bank_blocks_do_not_change_the_scores():
     for block in (1, 5, 36):
         torch.testing.assert_close(knn_scores(queries, bank, labels, CLASSES, 6, T, block=block),
                                    whole, rtol=1e-5, atol=1e-6)
+
+
+def test_monitor_bank_is_stored_in_blocks_of_its_dtype_and_scores_as_before():
+    """prepare_eval kept a list of batches and then their concatenation (two copies of the
+    shard at the peak) in float32; now the shard is stored block by block in knn.bank_dtype,
+    the old bank is dropped before the new one is built, and the scores stay: equal to rounding with
+    float32 blocks, within float16's rounding with float16 ones."""
+    from trainer.methods.ssl_base import SelfSupervised
+    bank, labels, queries = _data()
+
+    class Loader:
+        def __len__(self):
+            return -(-N_BANK // 4)
+
+        def __iter__(self):
+            for a in range(0, N_BANK, 4):
+                yield bank[a:a + 4], labels[a:a + 4]
+
+    class Identity(nn.Module):
+        def features(self, x):
+            return x
+
+    model = Identity()
+    fake = SimpleNamespace(model=model, train_model=model, device=torch.device("cpu"),
+                           data=SimpleNamespace(eval_loader=lambda split: Loader()),
+                           autocast=contextlib.nullcontext, _to_device=lambda b: b,
+                           info=SimpleNamespace(world_size=1, rank=0))
+    fake.embed = lambda *a, **k: Trainer.embed(fake, *a, **k)
+    ref = knn_scores(queries, bank, labels, CLASSES, 6, T)
+    # float32 blocks: the same sums in another order; float16: features rounded to ~5e-4,
+    # which exp(sim / 0.1) turns into ~1 % on a weight
+    for dtype, tol in (("float32", 1e-5), ("float16", 2e-2)):
+        method = SelfSupervised.__new__(SelfSupervised)
+        method.model, method.data = model, SimpleNamespace(num_classes=CLASSES)
+        method.cfg = SimpleNamespace(knn=SimpleNamespace(k=6, t=T, bank_dtype=dtype))
+        method.bank_block = 10
+        method.bank = ["the previous evaluation's bank"]
+        seen = []
+        fake.embed = lambda *a, **k: (seen.append(method.bank), Trainer.embed(fake, *a, **k))[1]
+        method.prepare_eval(fake)
+        assert seen == [None]                  # the old bank was freed before embedding
+        assert [len(b) for b in method.bank] == [10, 10, 10, 7]   # batches of 4, blocks of 10
+        assert all(b.dtype == getattr(torch, dtype) for b in method.bank)
+        assert torch.equal(method.bank_labels, labels) and method.bank_size == N_BANK
+        got = method.predict(model, queries)
+        torch.testing.assert_close(got, ref, rtol=tol, atol=1e-6)
+        assert torch.equal(got.argmax(1), ref.argmax(1))
+
+
+def test_paper_moco_configs_store_the_monitor_bank_in_float16():
+    """The bench_scale figure is measured with the dtype the iNat config uses."""
+    import yaml
+
+    from tests.conftest import ROOT
+    from tools import bench_scale
+    for name in ("inat_moco_crt.yaml", "imagenet_lt_moco_crt.yaml"):
+        with open(f"{ROOT}/configs/{name}") as f:
+            stages = yaml.safe_load(f)["stages"]
+        moco = next(s for s in stages if s.get("method", {}).get("name") == "moco")
+        assert moco["knn"]["bank_dtype"] == bench_scale.KNN_BANK_DTYPE == "float16"

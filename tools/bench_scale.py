@@ -41,6 +41,7 @@ SINGLE = {"inat": "configs/inat_ce.yaml", "inlt": "configs/imagenet_lt_ce.yaml"}
 TINY = ["model.name=resnet8", "data.image_size=16", "engine.amp=none",
         "model.channels_last=false", "data.workers=1", "engine.progress=lines",
         "engine.log_every=1"]
+KNN_BANK_DTYPE = "float16"
 TARGETS = {"dryrun": ("seconds", 30.0), "first_step": ("seconds", 60.0), "knn": ("rank_mb", 1024.0),
            "results": ("bytes", 1e6)}
 
@@ -235,13 +236,14 @@ def knn_rank(args) -> dict:
     fake.embed = lambda *a, **k: Trainer.embed(fake, *a, **k)
     method = SelfSupervised.__new__(SelfSupervised)
     method.model = model
-    method.cfg = SimpleNamespace(knn=SimpleNamespace(k=20, t=0.1))
+    # knn.bank_dtype as configs/inat_moco_crt.yaml sets it (tests/test_knn_monitor.py checks)
+    method.cfg = SimpleNamespace(knn=SimpleNamespace(k=20, t=0.1, bank_dtype=KNN_BANK_DTYPE))
     method.data = SimpleNamespace(num_classes=classes)
     base = rss_mb()
     t0 = time.perf_counter()
     method.prepare_eval(fake)
     embed_s = time.perf_counter() - t0
-    bank_mb = method.bank.element_size() * method.bank.nelement() / 2 ** 20
+    bank_mb = sum(b.element_size() * b.nelement() for b in method.bank) / 2 ** 20
     queries = torch.randn(batch, args.dim)
     t0 = time.perf_counter()
     method.predict(model, queries)

@@ -370,7 +370,9 @@ class Trainer:
             ids = None if ids is None else torch.as_tensor(ids, dtype=torch.long)
             if on_batch is not None:
                 on_batch(out, y)
-                out, y, ids = out[:0], y[:0], None if ids is None else ids[:0]
+                # new empty rows, not views (out[:0] would keep each batch's storage alive)
+                out, y = out.new_empty((0, *out.shape[1:])), y.new_empty((0, *y.shape[1:]))
+                ids = None if ids is None else ids.new_empty(0)
             feats.append(out)
             labels.append(y)
             index.append(ids)
