@@ -67,18 +67,23 @@ def _wrong(ctx):
     return {"checks": [check("answer", 41, "42", False)]}
 
 
+def _fine(ctx):
+    return {"checks": [check("answer", 42, "42", True)]}
+
+
 def test_failing_and_hanging_parts_are_reported_and_the_rest_runs(tmp_path, monkeypatch):
     extra = [gpu_check.Part("boom", _boom, 30, "test"), gpu_check.Part("hang", _hang, 3, "test"),
              gpu_check.Part("wrong", _wrong, 30, "test"),
-             gpu_check.Part("missing", _missing, 30, "test")]
+             gpu_check.Part("missing", _missing, 30, "test"), gpu_check.Part("fine", _fine, 30,
+                                                                             "test")]
     monkeypatch.setattr(gpu_check, "PARTS", gpu_check.PARTS + extra)
     # only the hanging part has a 3 s limit: the real ones keep theirs on a loaded machine
     work, out = tmp_path / "work", tmp_path / "r"
-    code = gpu_check.main(["--cpu-smoke", "--parts", "boom,hang,wrong,missing,ldam_autocast",
+    code = gpu_check.main(["--cpu-smoke", "--parts", "boom,hang,wrong,missing,fine",
                            "--out", str(out), "--work", str(work)])
     report, md = _load(out)
     got = {p["name"]: p for p in report["parts"]}
-    assert list(got) == ["environment", "boom", "hang", "wrong", "missing", "ldam_autocast"]
+    assert list(got) == ["environment", "boom", "hang", "wrong", "missing", "fine"]
     assert code == 1
     assert got["boom"]["status"] == "failed"
     assert "RuntimeError: injected failure" in got["boom"]["error"]
@@ -87,7 +92,10 @@ def test_failing_and_hanging_parts_are_reported_and_the_rest_runs(tmp_path, monk
     assert got["wrong"]["status"] == "failed" and "answer: 41 (target 42)" in got["wrong"]["error"]
     assert got["missing"]["status"] == "skipped"
     assert got["missing"]["reason"] == "somepackage is not installed here"
-    assert got["environment"]["status"] == got["ldam_autocast"]["status"] == "passed"
+    # a part after them still runs (an injected one: a real torch part forked from this
+    # pytest process, whose thread pools other tests have started, can deadlock in the child;
+    # the CLI's parent never computes, and test_cpu_smoke_runs_every_part runs the real ones)
+    assert got["environment"]["status"] == got["fine"]["status"] == "passed"
     assert "**timed_out**" in md and "injected failure" in md
     # the timed-out part's whole process group went with it, its subprocess too
     pid = int((work / "hang.pid").read_text())
