@@ -831,6 +831,7 @@ class FfcvLoader:
         self.stored_channels = int(meta.get("channels", 3))
         self.device = torch.device(device) if device is not None else None
         self.on_device = self.device is not None
+        self._constants = {}   # device -> normalisation tensors (_device_constants)
         key = (os.path.abspath(path), os.path.getmtime(path), spec, int(batch_size),
                max(1, int(threads)), int(batches_ahead), self.on_device)
         if key not in _COMPILED:
@@ -907,7 +908,7 @@ class FfcvLoader:
     def _device_constants(self, device: torch.device):
         """(gray weights or None, mean x 255, std x 255) on `device`, built once per device
         rather than for every view of every batch."""
-        cache = self.__dict__.setdefault("_constants", {})
+        cache = self._constants
         if device not in cache:
             s = self.spec
             gray = None

@@ -25,7 +25,8 @@ def _data():
 
 
 def _fake_trainer(rank, world, queries):
-    """What embed() uses of a Trainer: a model, the eval loader of one split, the ranks."""
+    """Rank `rank`'s host for embed(): its share of the queries, SKIPPED left out, in batches
+    of LOCAL_BATCH[rank], each telling its dataset indices."""
     mine = [i for i in range(rank, N_QUERY, world) if i not in SKIPPED]
     bs = LOCAL_BATCH[rank]
     batches = [mine[a:a + bs] for a in range(0, len(mine), bs)]
@@ -41,7 +42,11 @@ def _fake_trainer(rank, world, queries):
                 self.batch_indices = torch.tensor(ids)
                 yield queries[ids], torch.tensor(ids) % CLASSES
 
-    loader, model = Loader(), nn.Identity()
+    return _embed_host(Loader(), nn.Identity(), rank, world)
+
+
+def _embed_host(loader, model, rank=0, world=1):
+    """What embed() uses of a Trainer: a model, the eval loader of one split, the ranks."""
     return SimpleNamespace(model=model, train_model=model, _to_device=lambda b: b,
                            data=SimpleNamespace(eval_loader=lambda split: loader),
                            autocast=contextlib.nullcontext, device=torch.device("cpu"),
@@ -105,10 +110,7 @@ def test_monitor_bank_is_stored_in_blocks_of_its_dtype_and_scores_as_before():
             return x
 
     model = Identity()
-    fake = SimpleNamespace(model=model, train_model=model, device=torch.device("cpu"),
-                           data=SimpleNamespace(eval_loader=lambda split: Loader()),
-                           autocast=contextlib.nullcontext, _to_device=lambda b: b,
-                           info=SimpleNamespace(world_size=1, rank=0))
+    fake = _embed_host(Loader(), model)
     fake.embed = lambda *a, **k: Trainer.embed(fake, *a, **k)
     ref = knn_scores(queries, bank, labels, CLASSES, 6, T)
     # float32 blocks: the same sums in another order; float16: features rounded to ~5e-4,
