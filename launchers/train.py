@@ -114,12 +114,15 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)  # options may sit among the overrides
 
 
-def prepare(config: str, overrides: list[str], dry_run: bool = False):
+def prepare(config: str, overrides: list[str], dry_run: bool = False, check_data: bool = True):
     """Load and check everything a run needs; raises ConfigError, or DataProblems with every
     data problem of every stage (the list files parsed and checked: launchers/plan_check.py).
     dry_run: print the plan (batch, lr used, steps, samples per epoch) first, even when the
-    data are missing."""
+    data are missing. check_data=False: the config only (the ranks of a job other than rank 0,
+    see check_data_once)."""
     plan = load_plan(config, overrides)
+    if not check_data:
+        return plan
     problems, reports = check_plan_data(plan)
     for i, stage in enumerate(plan):
         found = []
@@ -135,6 +138,35 @@ def prepare(config: str, overrides: list[str], dry_run: bool = False):
             print(summary)
     if problems:
         raise DataProblems(problems)
+    return plan
+
+
+class PeerDataProblems(Exception):
+    """Rank 0 of this job found data problems (and printed them); this rank stops too."""
+
+
+def check_data_once(config: str, overrides: list[str]):
+    """Under torchrun (or one srun task per rank) every rank runs main(). Parsing and checking
+    the lists is done by rank 0 alone (437,513 lines of iNat, once per job rather than once per
+    GPU); the other ranks check the config, join the process group and learn rank 0's verdict,
+    so every rank stops with exit status 2 on bad data instead of waiting for a peer that left."""
+    rank, world = dist_utils.env_ranks()[:2]
+    plan, problems = prepare(config, overrides, check_data=False), None
+    if rank == 0:
+        try:
+            plan = prepare(config, overrides)
+        except DataProblems as e:
+            problems = e
+    if world > 1:
+        cfg = plan[0].cfg
+        dist_utils.setup(cfg.engine.device, cfg.dist.backend)   # run_plan reuses this group
+        if dist_utils.any_rank(problems is not None) and problems is None:
+            dist_utils.cleanup()
+            raise PeerDataProblems()
+        if problems is not None:
+            dist_utils.cleanup()
+    if problems is not None:
+        raise problems
     return plan
 
 
@@ -197,9 +229,17 @@ def report_user_error(exc: Exception, kinds: dict = USER_ERRORS) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    per_rank = "RANK" in os.environ and not args.dry_run   # torchrun / srun: one per rank
     try:
-        plan = prepare(args.config, args.overrides, args.dry_run)
+        if per_rank:
+            plan = check_data_once(args.config, args.overrides)
+        else:
+            plan = prepare(args.config, args.overrides, args.dry_run)
         check_processes(plan, args.nproc, args.oversubscribe)
+    except PeerDataProblems:
+        print("data error: rank 0 found problems in the data (its output lists them)",
+              file=sys.stderr)
+        return 2
     except tuple(USER_ERRORS) as e:
         return report_user_error(e)
     if args.dry_run:

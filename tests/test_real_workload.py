@@ -328,3 +328,57 @@ def test_write_beton_of_a_config_with_stages(tmp_path, monkeypatch, capsys):
     assert "stage 'pretrain' train: writing 6 images" in out
     assert "stage 'pretrain' test: writing 3 images" in out
     assert "stage 'ce'" not in out          # the same data sets: written once
+
+
+# ------------------------------------------------------------------ lists parsed once per job
+
+def _list_config(tmp_path, label: int) -> str:
+    wn = [f"n{c:08d}" for c in range(3)]
+    lines = [(f"train/{wn[c]}/{wn[c]}_{k}.JPEG", c) for c in range(3) for k in range(4)]
+    test = [(p.replace("train/", "val/"), y) for p, y in lines]
+    write_set(tmp_path, {"train.txt": lines, "test.txt": test[:-1] + [(test[-1][0], label)]})
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: {{source: list, root: {tmp_path / 'images'}, num_classes: 3, "
+                    f"train_list: {tmp_path / 'train.txt'}, test_list: {tmp_path / 'test.txt'}, "
+                    f"stats: imagenet, augment: imagenet, image_size: 32, batch_size: 4}}\n"
+                    f"model: {{name: resnet8}}\nsched: {{epochs: 1, warmup_epochs: 0}}\n"
+                    f"run: {{out_dir: {tmp_path / 'runs'}}}\n")
+    return str(path)
+
+
+def test_only_rank_0_of_a_job_checks_the_lists(tmp_path, monkeypatch):
+    """Under torchrun every rank runs main(): the lists are parsed by rank 0 alone."""
+    from launchers import train as train_cli
+    path = _list_config(tmp_path, label=2)
+    seen = []
+    real = train_cli.check_plan_data
+    monkeypatch.setattr(train_cli, "check_plan_data", lambda plan: seen.append(1) or real(plan))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        plan = train_cli.check_data_once(path, [])
+        assert plan[0].cfg.data.num_classes == 3
+    assert seen == [1]
+
+
+def test_bad_data_found_by_rank_0_stops_every_rank(tmp_path):
+    """Two ranks as torchrun starts them: rank 0 finds a label out of range, both exit 2 at
+    once (rank 1 learns the verdict through the process group rather than waiting for a
+    peer that left)."""
+    import subprocess
+    import sys
+    import time
+    from trainer.distributed import free_port
+    path = _list_config(tmp_path, label=7)
+    env = dict(os.environ, PYTHONPATH=ROOT, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    start = time.time()
+    procs = [subprocess.Popen([sys.executable, "launchers/train.py", path], cwd=ROOT,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    assert "data error: " in outs[0][1] and "label" in outs[0][1] and "7" in outs[0][1], outs
+    assert "rank 0 found problems in the data" in outs[1][1]
+    assert time.time() - start < 100 and not (tmp_path / "runs").exists()
