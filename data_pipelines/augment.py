@@ -9,6 +9,7 @@ so array and file sources share the same code path, and all randomness comes fro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -35,6 +36,80 @@ DEFAULT_STATS = {
     "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
     "inat": ([0.466, 0.471, 0.380], [0.195, 0.194, 0.192]),
 }
+
+
+# ----------------------------------------------------------------------------- the spec
+# Every recipe's parameters, declared once: torchvision (below), DALI (dali_loader.py) and
+# FFCV (ffcv_loader.py / ffcv_ops.py) implement them natively where they can; MoCo's colour
+# and blur stages and the final normalisation run in batch_aug.py for every backend.
+RRC_SCALE = (0.08, 1.0)      # RandomResizedCrop, "imagenet" train
+RRC_RATIO = (3 / 4, 4 / 3)
+FLIP_P = 0.5
+EVAL_RESIZE = 256 / 224      # eval: shorter side to size * 256/224, then center crop
+# MoCo v2 "aug+": RandomResizedCrop(scale 0.2-1) -> ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 ->
+# RandomGrayscale p=0.2 -> GaussianBlur(sigma 0.1-2) p=0.5 -> flip -> normalize.
+MOCO = {"scale": (0.2, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "gray_p": 0.2,
+        "blur_sigma": (0.1, 2.0), "blur_p": 0.5}
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale
+
+
+def moco_blur_kernel(size: int) -> int:
+    """Odd Gaussian window about 10% of the crop side (23 px at 224, as in SimCLR/MoCo v2)."""
+    k = max(3, int(0.1 * size))
+    return k if k % 2 else k + 1
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What a backend must do to one image: the recipe, its size and the normalization."""
+    kind: str               # small | imagenet | moco | none
+    train: bool
+    size: int
+    mean: tuple             # per model channel, on [0, 1] images
+    std: tuple
+    channels: int           # channels the model takes (1 or 3)
+    pad: int = 4            # "small": padding of the random crop
+
+    @property
+    def views(self) -> int:
+        return 2 if (self.kind == "moco" and self.train) else 1
+
+    @property
+    def eval_resize(self) -> int:
+        """Shorter side before the center crop (256 for 224, as torchvision's Resize)."""
+        return int(self.size * EVAL_RESIZE)
+
+    @property
+    def crop_scale(self):
+        """RandomResizedCrop's area range when the recipe has one (train imagenet / moco)."""
+        if self.train and self.kind in ("imagenet", "moco"):
+            return MOCO["scale"] if self.kind == "moco" else RRC_SCALE
+        return None
+
+    @property
+    def flip(self) -> bool:
+        return self.train and self.kind in ("small", "imagenet", "moco")
+
+    @property
+    def colour(self) -> bool:
+        """MoCo's jitter / grayscale / blur stage (batch_aug.py, shared by every backend)."""
+        return self.train and self.kind == "moco"
+
+
+def augment_spec(cfg, train: bool, in_channels: int) -> AugmentSpec:
+    """The spec of one split from the data config (data.augment, image_size, stats)."""
+    from .sources import DataError
+
+    kind = cfg["augment"]
+    if kind not in AUGMENTS:
+        raise DataError(f"data.augment = {kind!r}: unknown augmentation; expected one of "
+                        f"{', '.join(AUGMENTS)}")
+    stats = cfg.get("stats") or cfg["source"]
+    if stats not in DEFAULT_STATS:
+        raise DataError(f"data.stats = {stats!r}: no normalization statistics by that name")
+    mean, std = DEFAULT_STATS[stats]
+    return AugmentSpec(kind, bool(train), int(cfg["image_size"]), tuple(map(float, mean)),
+                       tuple(map(float, std)), int(in_channels))
 
 
 class MatchChannels(torch.nn.Module):
@@ -127,9 +202,11 @@ def _imagenet(train, image_size, mean, std, in_channels):
     """RandomResizedCrop + flip; resize 256/224 + center crop for evaluation."""
     ops: list = [v2.ToImage(), MatchChannels(in_channels)]
     if train:
-        ops += [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+        ops += [v2.RandomResizedCrop(image_size, scale=RRC_SCALE, ratio=RRC_RATIO, antialias=True),
+                v2.RandomHorizontalFlip(FLIP_P)]
     else:
-        ops += [v2.Resize(int(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]
+        ops += [v2.Resize(int(image_size * EVAL_RESIZE), antialias=True),
+                v2.CenterCrop(image_size)]
     return v2.Compose(ops + _normalize(mean, std))
 
 
@@ -176,16 +253,18 @@ def moco_v2_ops(image_size: int, in_channels: int) -> list:
     """MoCo v2's "aug+": crop scale (0.2, 1), colour jitter p=0.8, grayscale p=0.2, Gaussian
     blur (sigma 0.1-2) p=0.5, flip. On 1-channel images saturation, hue and grayscale have no
     meaning and are left out; the blur kernel is ~10% of the image side (23 px at 224)."""
+    b, c, sat, hue = MOCO["jitter"]
     if in_channels == 3:
-        jitter = v2.ColorJitter(0.4, 0.4, 0.4, 0.1)
-        gray = [v2.RandomGrayscale(p=0.2)]
+        jitter = v2.ColorJitter(b, c, sat, hue)
+        gray = [v2.RandomGrayscale(p=MOCO["gray_p"])]
     else:
-        jitter, gray = v2.ColorJitter(0.4, 0.4), []
-    kernel = max(3, int(image_size * 0.1) // 2 * 2 + 1)
+        jitter, gray = v2.ColorJitter(b, c), []
     return [v2.ToImage(), MatchChannels(in_channels),
-            v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
-            v2.RandomApply([jitter], p=0.8), *gray,
-            v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomResizedCrop(image_size, scale=MOCO["scale"], ratio=RRC_RATIO,
+                                 antialias=True),
+            v2.RandomApply([jitter], p=MOCO["jitter_p"]), *gray,
+            v2.RandomApply([v2.GaussianBlur(moco_blur_kernel(image_size),
+                                            sigma=MOCO["blur_sigma"])], p=MOCO["blur_p"]),
             v2.RandomHorizontalFlip()]
 
 

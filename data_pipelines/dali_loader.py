@@ -40,8 +40,8 @@ from nvidia.dali import fn, math as dmath, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .loaders import MOCO, RRC_RATIO, RRC_SCALE, AugmentSpec, flatten_source, \
-    moco_blur_kernel, note_skips
+from .augment import MOCO, RRC_RATIO, RRC_SCALE, AugmentSpec, moco_blur_kernel
+from .flat import flatten_source, note_skips
 from .samplers import mix_seeds
 from .sources import DataError
 

@@ -29,7 +29,7 @@ import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 
-from .loaders import flatten_source
+from .flat import flatten_source
 from .sources import DataError
 
 log = logging.getLogger("data_pipelines.ffcv")

@@ -35,10 +35,11 @@ from ffcv.reader import Reader
 from ffcv.transforms import ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
+from .augment import MOCO, RRC_RATIO, RRC_SCALE, AugmentSpec
 from .ffcv_beton import (beton_path_for, dataset_fingerprint, ensure_beton,  # noqa: F401
                          read_sidecar, sidecar_path, write_beton)
 from .ffcv_ops import CenterCrop, MocoColor, NormalizeCHW, PadCropFlip, RandomFlip
-from .loaders import MOCO, RRC_RATIO, RRC_SCALE, AugmentSpec, flatten_source, note_skips
+from .flat import flatten_source, note_skips
 from .sources import DataError
 
 log = logging.getLogger("data_pipelines.ffcv")

@@ -15,7 +15,7 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 
-from .loaders import MOCO, moco_blur_kernel
+from .augment import MOCO, moco_blur_kernel
 from .sources import DataError
 
 

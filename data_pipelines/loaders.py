@@ -26,36 +26,24 @@ rank) and logs each skip with a running count as a warning on the ``data_pipelin
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from configspec import F, Registry
 
-from .augment import AUGMENTS, DEFAULT_STATS
+from .augment import (AUGMENTS, MOCO, RRC_RATIO, RRC_SCALE, AugmentSpec,  # noqa: F401
+                      augment_spec, moco_blur_kernel)
 from .cpus import cpus_per_process, loader_workers
-from .sources import ArraySource, DataError, FileSource, base_indices
+from .flat import FlatSource, flatten_source, note_skips  # noqa: F401  (re-exported)
+from .sources import ArraySource, DataError, FileSource
 
 AUGMENT_KINDS = tuple(AUGMENTS)
 BAD_IMAGE_POLICIES = ("fail", "skip")
 DEFAULT_BETON_DIR = "data/betons"
-
-# The MoCo v2 "aug+" recipe, shared by the DALI and FFCV implementations (and the torchvision
-# kind "moco"): RandomResizedCrop(scale 0.2-1) -> ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 ->
-# RandomGrayscale p=0.2 -> GaussianBlur(sigma 0.1-2) p=0.5 -> flip -> normalize.
-MOCO = {"scale": (0.2, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "gray_p": 0.2,
-        "blur_sigma": (0.1, 2.0), "blur_p": 0.5}
-RRC_SCALE = (0.08, 1.0)
-RRC_RATIO = (3 / 4, 4 / 3)
-
-INSTALL_HINTS = {
-    "dali": "pip install nvidia-dali-cuda130  (or: pip install -e '.[dali]')",
-    "ffcv": "apt-get install pkg-config libturbojpeg0-dev libopencv-dev, then "
-            "pip install ffcv opencv-python-headless numba  (or: pip install -e '.[ffcv]')",
-}
 
 log = logging.getLogger("data_pipelines.loaders")
 
@@ -64,102 +52,40 @@ class BackendUnavailable(DataError):
     """The configured loader backend is not installed (or cannot run here)."""
 
 
-def moco_blur_kernel(size: int) -> int:
-    """Odd Gaussian window about 10% of the crop side (23 px at 224, as in SimCLR/MoCo v2)."""
-    k = max(3, int(0.1 * size))
-    return k if k % 2 else k + 1
-
-
-@dataclass(frozen=True)
-class AugmentSpec:
-    """What a backend must do to one image: the recipe, its size and the normalization."""
-    kind: str               # small | imagenet | moco | none
-    train: bool
-    size: int
-    mean: tuple             # per model channel, on [0, 1] images
-    std: tuple
-    channels: int           # channels the model takes (1 or 3)
-    pad: int = 4            # "small": padding of the random crop
-
-    @property
-    def views(self) -> int:
-        return 2 if (self.kind == "moco" and self.train) else 1
-
-    @property
-    def eval_resize(self) -> int:
-        """Shorter side before the center crop (256 for 224, as torchvision's Resize)."""
-        return int(self.size * 256 / 224)
-
-
-def augment_spec(cfg, train: bool, in_channels: int) -> AugmentSpec:
-    kind = cfg["augment"]
-    if kind not in AUGMENT_KINDS:
-        raise DataError(f"data.augment = {kind!r}: unknown augmentation; expected one of "
-                        f"{', '.join(AUGMENT_KINDS)}")
-    stats = cfg.get("stats") or cfg["source"]
-    if stats not in DEFAULT_STATS:
-        raise DataError(f"data.stats = {stats!r}: no normalization statistics by that name")
-    mean, std = DEFAULT_STATS[stats]
-    return AugmentSpec(kind, bool(train), int(cfg["image_size"]), tuple(map(float, mean)),
-                       tuple(map(float, std)), int(in_channels))
-
-
-# ----------------------------------------------------------------------------- sources
-
-@dataclass
-class FlatSource:
-    """A dataset source reduced to its storage: files, an in-memory array, or anything else.
-
-    ``index[i]`` is the storage index of dataset item ``i`` (LT subsets and index lists are
-    views); backends read storage directly instead of calling ``source.load`` per item.
-    """
-    kind: str               # "files" | "array" | "generic"
-    base: object
-    index: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def describe(self, i: int) -> str:
-        return self.base.describe(int(self.index[i]))
-
-    def path(self, i: int) -> str:
-        return self.base.full_path(int(self.index[i]))
-
-    def array(self, i: int) -> np.ndarray:
-        """HWC uint8 (a view: do not write)."""
-        img = self.base.images[int(self.index[i])]
-        return img[:, :, None] if img.ndim == 2 else img
-
-    def load_hwc(self, i: int) -> np.ndarray:
-        """Any source's item as an HWC uint8 array (the slow, generic path)."""
-        img = self.base.load(int(self.index[i]))
-        if isinstance(img, torch.Tensor):
-            return np.ascontiguousarray(img.as_subclass(torch.Tensor).permute(1, 2, 0).numpy())
-        arr = np.asarray(img)
-        return arr[:, :, None] if arr.ndim == 2 else arr
-
-    @property
-    def channels(self) -> int:
-        return int(getattr(self.base, "in_channels", 3))
-
-
-def flatten_source(src) -> FlatSource:
-    labels = np.asarray(src.labels, dtype=np.int64)  # the outer labels: a subset may relabel
-    src, index = base_indices(src)
-    if isinstance(src, FileSource):
-        kind = "files"
-    elif isinstance(src, ArraySource):
-        kind = "array"
-    else:
-        kind = "generic"
-    return FlatSource(kind, src, np.asarray(index, dtype=np.int64), labels)
-
-
 # ----------------------------------------------------------------------------- backends
 
+@dataclass(frozen=True)
+class Backend:
+    """One accelerated backend: the module of this package that alone imports its library,
+    how to install it, and how to build its loader from the config (``make``)."""
+    name: str
+    module: str
+    install_hint: str
+    make: object            # (cfg, dataset, sampler, batch_size, seed, spec, policy) -> loader
+
+    def available(self) -> tuple[bool, str]:
+        """(installed and importable, reason if not); imports the module once per process."""
+        if self.name not in _STATUS:
+            try:
+                importlib.import_module(f"{__package__}.{self.module}")
+                _STATUS[self.name] = (True, "")
+            except (ImportError, OSError) as exc:  # OSError: a shared library is missing
+                _STATUS[self.name] = (False, f"{type(exc).__name__}: {exc}")
+        return _STATUS[self.name]
+
+
 _STATUS: dict = {}
+BACKENDS: dict = {}     # name -> Backend, filled by register_backend below
+
+
+def register_backend(backend: Backend, config: dict | None = None) -> None:
+    """Make a backend selectable as data.loader = name, with its own config keys."""
+    BACKENDS[backend.name] = backend
+    INSTALL_HINTS[backend.name] = backend.install_hint
+    LOADERS.add(backend.name, backend.make, config=config)
+
+
+INSTALL_HINTS: dict = {}
 
 
 def backend_status(name: str) -> tuple[bool, str]:
@@ -167,18 +93,9 @@ def backend_status(name: str) -> tuple[bool, str]:
     which alone imports the backend (and loads its shared libraries: libturbojpeg, OpenCV)."""
     if name == "torchvision":
         return True, ""
-    if name not in _STATUS:
-        if name not in INSTALL_HINTS:
-            raise ValueError(f"unknown loader backend {name!r}")
-        try:
-            if name == "dali":
-                from . import dali_loader  # noqa: F401
-            else:
-                from . import ffcv_loader  # noqa: F401
-            _STATUS[name] = (True, "")
-        except (ImportError, OSError) as exc:  # OSError: a shared library is missing
-            _STATUS[name] = (False, f"{type(exc).__name__}: {exc}")
-    return _STATUS[name]
+    if name not in BACKENDS:
+        raise ValueError(f"unknown loader backend {name!r}")
+    return BACKENDS[name].available()
 
 
 def require_backend(name: str) -> None:
@@ -326,14 +243,19 @@ LOADERS = Registry("data.loader", default="torchvision",
                                                    "or drop and count"),
                         }})
 LOADERS.add("torchvision", _torchvision_loader)
-LOADERS.add("dali", _dali_loader, config={"data": {
-    "dali_threads": F("int", 0, ge=0, help="DALI threads per rank; 0 = data.workers or cores"),
-    "dali_device": F("str", "auto", "auto", "cpu", "gpu",
-                     help="DALI decoding/ops on the GPU when one is visible (auto)"),
-}})
-LOADERS.add("ffcv", _ffcv_loader, config={"data": {"beton_dir": F(
-    "str", None, nullable=True, help="FFCV .beton folder (written on first use); null = "
-                                     "data/betons")}})
+register_backend(Backend(
+    "dali", "dali_loader", "pip install nvidia-dali-cuda130  (or: pip install -e '.[dali]')",
+    _dali_loader), config={"data": {
+        "dali_threads": F("int", 0, ge=0, help="DALI threads per rank; 0 = data.workers or cores"),
+        "dali_device": F("str", "auto", "auto", "cpu", "gpu",
+                         help="DALI decoding/ops on the GPU when one is visible (auto)"),
+    }})
+register_backend(Backend(
+    "ffcv", "ffcv_loader", "apt-get install pkg-config libturbojpeg0-dev libopencv-dev, then "
+    "pip install ffcv opencv-python-headless numba  (or: pip install -e '.[ffcv]')",
+    _ffcv_loader), config={"data": {"beton_dir": F(
+        "str", None, nullable=True, help="FFCV .beton folder (written on first use); null = "
+                                         "data/betons")}})
 LOADERS.add("auto", choose_backend)   # resolved per data set to one of the above
 LOADER_KINDS = tuple(LOADERS)
 
@@ -401,11 +323,3 @@ class SkippingLoader:
                                 f"check the data set")
             self.batch_indices = index
             yield x, y
-
-
-def note_skips(counter_owner, messages) -> None:
-    """Shared logging of skipped images for the accelerated backends."""
-    for msg in messages:
-        counter_owner.skipped += 1
-        log.warning("skipped bad image (data.on_bad_image=skip, %d so far): %s",
-                    counter_owner.skipped, msg)
