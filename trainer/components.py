@@ -6,13 +6,13 @@ from __future__ import annotations
 from configspec import compose
 from data_pipelines import augment, build, loaders, longtail, sources, unlabeled_pool
 
-from . import engine_config, optim, run_folder, schedules
+from . import engine_config, optim, resume_rules, schedules
 from .losses import LOSSES
 from .methods import METHODS
 from .models import BACKBONES, HEADS
 
 PARTS = [
-    engine_config.RUN, run_folder.CONFIG,
+    engine_config.RUN, resume_rules.CONFIG,
     sources.SOURCES, longtail.CONFIG, augment.AUGMENTS, build.CONFIG, loaders.LOADERS,
     BACKBONES, HEADS,
     LOSSES, schedules.TRAIN_RULES, optim.OPTIMIZERS, schedules.SCHEDULES,

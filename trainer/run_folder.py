@@ -26,9 +26,8 @@ import time
 
 import yaml
 
-from configspec import F, Part
-
 from .checkpoint import LAST, disk_errors
+from .resume_rules import RESUMABLE
 
 FINGERPRINT = "fingerprint.json"
 LOCK = "run.lock"
@@ -55,29 +54,6 @@ IGNORED = (
 )
 # data.loader is NOT ignored: the backends implement the same recipes but not bit-identical
 # pixels (tests/test_loaders.py compares them within tolerances).
-
-# Keys a user may change on resume by naming them in run.allow_change, and what that means.
-RESUMABLE = {
-    "sched.epochs": "training continues from the checkpoint to the new number of epochs (the "
-                    "lr schedule follows the new length from there on)",
-    "engine.max_steps": "a smoke run continues to the new budget (0 = the whole schedule)",
-}
-# Every other key is refused: the checkpoint's optimizer keeps its own lr, momentum and decay,
-# the weights their architecture, and the records before the checkpoint the old data and loss.
-
-
-def _check_allow_change(cfg, fail):
-    bad = [k for k in cfg.run.allow_change if k not in RESUMABLE]
-    if bad:
-        fail("run.allow_change", f"run.allow_change: {', '.join(map(str, bad))} cannot change "
-                                 f"on resume (allowed: {', '.join(RESUMABLE)}); start a new "
-                                 f"run.name instead")
-
-
-CONFIG = Part({"run": {"allow_change": F(
-    "list", [], item="str", help="keys that may differ from the run folder's fingerprint on "
-                                 "resume: " + ", ".join(RESUMABLE))}},
-    _check_allow_change, owner=__name__)
 
 # Config keys naming files an earlier run wrote; their run's fingerprint is part of ours.
 UPSTREAM = ("model.init", "semi.pseudo_labels")

@@ -15,9 +15,7 @@ from typing import Sequence
 
 from torch import nn
 
-from configspec import Registry
-
-LOSSES = Registry("loss.name", default="ce", help="training loss")
+from .registry import LOSSES
 
 # The paper's three first (the order error messages list them in), then every other file here.
 from . import ce, focal, ldam  # noqa: E402,F401

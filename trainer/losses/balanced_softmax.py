@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import LOSSES
+from .registry import LOSSES
 from .ce import ClassWeightedLoss, no_autocast
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import configspec as spec
 
-from . import LOSSES
+from .registry import LOSSES
 
 REDUCTIONS = ("mean", "sum", "none")
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import configspec as spec
 
-from . import LOSSES
+from .registry import LOSSES
 from .ce import ClassWeightedLoss, no_autocast
 
 

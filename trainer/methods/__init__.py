@@ -3,15 +3,8 @@
 them up here."""
 from __future__ import annotations
 
-from configspec import Registry
-
 from .base import Method
-
-METHODS = Registry("method.name", default="supervised", help="training method")
-
-
-def register(cls: type[Method]) -> type[Method]:
-    return METHODS.register()(cls)
+from .registry import METHODS, register  # noqa: F401  (re-exported)
 
 
 def create_method(cfg, data, device) -> Method:

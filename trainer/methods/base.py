@@ -52,7 +52,7 @@ class Method:
             fail("sched.epochs", f"method '{cfg.method.name}' does not train: set "
                                  f"sched.epochs: 0 (and sched.warmup_epochs: 0)")
         if cfg.semi.pseudo_labels and not cls.uses_pseudo_labels:
-            from . import METHODS
+            from .registry import METHODS
             readers = [n for n, m in METHODS.items() if m.uses_pseudo_labels]
             fail("semi.pseudo_labels", f"semi.pseudo_labels = {cfg.semi.pseudo_labels!r} is "
                                        f"only read by method "

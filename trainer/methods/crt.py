@@ -3,7 +3,7 @@ train it with class-aware sampling (every class equally likely; an epoch is
 max_class_count x C samples)."""
 from __future__ import annotations
 
-from . import register
+from .registry import register
 from .classifier_base import FrozenBackbone
 
 

@@ -2,7 +2,7 @@
 uniform) sampling; the standard measure of a self-supervised representation."""
 from __future__ import annotations
 
-from . import register
+from .registry import register
 from .classifier_base import FrozenBackbone
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..models import LinearHead
-from . import register
+from .registry import register
 from .classifier_base import FrozenBackbone
 
 

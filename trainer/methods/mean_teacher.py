@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import configspec as spec
 
-from . import register
+from .registry import register
 from .semi_base import SemiSupervised
 
 

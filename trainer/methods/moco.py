@@ -17,7 +17,7 @@ import configspec as spec
 
 from .. import distributed as dist_utils
 from ..models import Classifier, ProjectionHead, convert_split_bn, create_backbone, matmul_fp32
-from . import register
+from .registry import register
 from .ssl_base import SelfSupervised
 
 

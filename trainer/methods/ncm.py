@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .. import distributed as dist_utils
 from ..models import LinearHead
-from . import register
+from .registry import register
 from .classifier_base import FrozenBackbone
 
 

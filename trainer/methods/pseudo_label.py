@@ -17,7 +17,7 @@ from data_pipelines.unlabeled_pool import build_pool, check_pool
 
 from .. import distributed as dist_utils
 from .. import pseudo_labels
-from . import register
+from .registry import register
 from .supervised_base import SupervisedBase
 
 POOL_SPLIT = "unlabeled_pool"

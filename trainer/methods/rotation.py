@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import create_model
-from . import register
+from .registry import register
 from .ssl_base import SelfSupervised
 
 

@@ -7,7 +7,7 @@ import torch
 
 import configspec as spec
 
-from . import register
+from .registry import register
 from .semi_base import SemiSupervised
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register
+from .registry import register
 from .supervised_base import SupervisedBase
 
 

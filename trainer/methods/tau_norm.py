@@ -13,7 +13,7 @@ from data_pipelines.build import split_problem
 from .. import distributed as dist_utils
 from ..metrics import balanced_accuracy
 from ..models import LinearHead
-from . import register
+from .registry import register
 from .classifier_base import FrozenBackbone
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import configspec as spec
 
 from ..losses import no_autocast
-from . import register
+from .registry import register
 from .semi_base import SemiSupervised
 
 
