@@ -32,9 +32,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from launchers.train import USER_ERRORS, prepare, report_user_error  # noqa: E402
+from ltrainer.launchers.train import USER_ERRORS, prepare, report_user_error  # noqa: E402
 from trainer.config import ConfigError, resolve  # noqa: E402
 from trainer.pipeline import check_world as check_world_of_plan, describe_plan  # noqa: E402
 
@@ -245,7 +244,7 @@ def new_folder(parent: str) -> str:
 
 
 def submit_plan(plan, s: dict, local: bool):
-    from launchers.slurm_job import TrainJob
+    from ltrainer.launchers.slurm_job import TrainJob
     run_root = run_root_of(plan)
     folder = new_folder(run_root)
     ex = make_executor(folder, s, local, name=os.path.basename(run_root))
@@ -410,7 +409,7 @@ def submit_sweep(args) -> int:
         print("dry run: configs, data paths and the cluster request are valid; nothing submitted")
         return 0
     _clean_env()
-    from launchers.slurm_job import TrainJob
+    from ltrainer.launchers.slurm_job import TrainJob
     jobs, runs = [], []
     for members in groups.values():
         s = members[0][3]
@@ -439,7 +438,7 @@ def submit_sweep(args) -> int:
     bad = {j: m for j, (ok, m) in outcome.items() if not ok}
     for j, m in bad.items():
         print(f"job {j} failed: {m}", file=sys.stderr)
-    from tools import collect_results
+    from ltrainer.tools import collect_results
     try:
         collect_results.main([out_dir, "--out", os.path.join(out_dir, "table")])
     except SystemExit as e:  # no results at all

@@ -15,16 +15,13 @@ disk error (one line on stderr); 143 stopped after writing that checkpoint (run 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipelines.sources import DataError  # noqa: E402
 from data_pipelines.unlabeled_pool import check_pool_paths  # noqa: E402
-from launchers.plan_check import (DataProblems, check_plan_data, data_summary,  # noqa: E402
+from ltrainer.launchers.plan_check import (DataProblems, check_plan_data, data_summary,  # noqa: E402
                                   describe_stages)
 from trainer import distributed as dist_utils  # noqa: E402
 from trainer.checkpoint import DiskError  # noqa: E402
@@ -43,20 +40,16 @@ class ReportedError(Exception):
     """A --nproc child printed a user error (one line) and exited with status 2."""
 
 
-def _worker(local_rank: int, world: int, port: int, plan, result_path: str | None):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
-                      LOCAL_WORLD_SIZE=str(world))
+def _rank_main(plan) -> dict:
+    """One rank of a --nproc run (trainer.distributed.run_local starts it): a stop or a user
+    error becomes its exit status, which launch() turns back into Preempted / ReportedError."""
     install_stop_signals()
     try:
-        results = _run(plan)
+        return _run(plan)
     except Preempted:
         sys.exit(STOP_EXIT_STATUS)
     except tuple(USER_ERRORS) as e:
-        sys.exit(report_user_error(e) if local_rank == 0 else 2)
-    if local_rank == 0 and result_path:
-        with open(result_path, "w") as f:
-            json.dump(results, f)
+        sys.exit(report_user_error(e) if os.environ.get("RANK") == "0" else 2)
 
 
 def _run(plan) -> dict:
@@ -74,32 +67,16 @@ def launch(plan, nproc: int = 1) -> dict:
         plan = [Stage(plan.run.name, plan, os.path.join(plan.run.out_dir, plan.run.name))]
     if nproc <= 1 or "RANK" in os.environ:  # one process, or torchrun started us
         return _run(plan)
-    import tempfile
     import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "results.json")
-        ctx = mp.start_processes(_worker, args=(nproc, dist_utils.free_port(), plan, out),
-                                 nprocs=nproc, start_method="spawn", join=False)
-
-        def forward(signum, _frame):  # a stop asked of this launcher goes to every rank
-            for p in ctx.processes:
-                if p.is_alive():
-                    os.kill(p.pid, signum)
-        before = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
-        try:
-            while not ctx.join():
-                pass
-        except mp.ProcessExitedException as e:
-            if e.exit_code == STOP_EXIT_STATUS:
-                raise Preempted(plan[-1].run_dir) from None
-            if e.exit_code == 2:
-                raise ReportedError() from None
-            raise
-        finally:
-            for s, handler in before.items():
-                signal.signal(s, handler)
-        with open(out) as f:
-            return json.load(f)
+    try:   # a stop asked of this launcher goes to every rank
+        return dist_utils.run_local(_rank_main, nproc, {"plan": plan},
+                                    forward_signals=STOP_SIGNALS)
+    except mp.ProcessExitedException as e:
+        if e.exit_code == STOP_EXIT_STATUS:
+            raise Preempted(plan[-1].run_dir) from None
+        if e.exit_code == 2:
+            raise ReportedError() from None
+        raise
 
 
 def parse_args(argv=None):

@@ -7,7 +7,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
-sys.path.insert(0, ROOT)
 
 needs_fmnist = pytest.mark.skipif(not os.path.exists(FMNIST),
                                   reason="apt-get install dataset-fashion-mnist")
@@ -45,9 +44,9 @@ def run_cli(*args, env=None, check=True):
     """Run a repository script in a fresh interpreter, as a user would. An env with
     LTT_TEST_KILL (or LTT_KILL_AT_STEP) installs that kill point (tests/kill_points.py)."""
     env = env or {}
-    path = ROOT if not {"LTT_TEST_KILL", "LTT_KILL_AT_STEP"} & set(env) else \
-        os.pathsep.join([KILL_PLUGINS, ROOT])
-    full_env = dict(os.environ, PYTHONPATH=path, **env)
+    full_env = dict(os.environ, **env)   # the project is installed (pip install -e .)
+    if {"LTT_TEST_KILL", "LTT_KILL_AT_STEP"} & set(env):   # the plugin imports tests/
+        full_env["PYTHONPATH"] = os.pathsep.join([KILL_PLUGINS, ROOT])
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:

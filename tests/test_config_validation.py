@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from launchers import train as train_cli
+from ltrainer.launchers import train as train_cli
 from trainer import config as config_module
 from trainer.config import ConfigError, load_config
 from trainer.pipeline import load_plan
@@ -140,7 +140,7 @@ def test_world_size_from_torchrun_is_checked_against_every_stage(tmp_path, capsy
 
 
 def test_submit_checks_every_stage_against_nodes_x_tasks(tmp_path, capsys):
-    from launchers import submit
+    from ltrainer.launchers import submit
     rc = submit.main(["--local", "--nodes", "8", pipeline_file(tmp_path), "--dry-run"])
     err = capsys.readouterr().err
     assert rc == 2 and "stage 'ce': data.batch_size = 100 (global) is not divisible by the 8 " \

@@ -99,7 +99,7 @@ def test_leftover_temp_file_and_corrupt_checkpoint(tiny, tmp_path):
 def test_two_process_ddp_matches_one_process(tiny, tmp_path, rule):
     """Same global batch on 1 and 2 gloo processes: same weights up to float rounding of the
     gradient all-reduce. The MLP has no BatchNorm, whose per-process statistics would differ."""
-    from launchers.train import launch
+    from ltrainer.launchers.train import launch
     over = tiny + ["model.name=mlp", f"train_rule.name={rule}", "train_rule.start_epoch=0"]
     one = launch(load_config(CE, over + ["run.name=one"]), nproc=1)["one"]
     two = launch(load_config(CE, over + ["run.name=two"]), nproc=2)["two"]

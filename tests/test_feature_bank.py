@@ -268,7 +268,7 @@ def test_leakage_report_on_constructed_data(tmp_path):
 @needs_faiss
 @needs_fmnist
 def test_cli_on_a_run_folder(tiny_run, tmp_path, capsys):
-    from tools import feature_bank as tool
+    from ltrainer.tools import feature_bank as tool
 
     assert tool.main(["knn", "--run", tiny_run, "--k", "5"]) == 0
     assert "balanced %" in capsys.readouterr().out

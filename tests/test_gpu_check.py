@@ -10,8 +10,8 @@ import time
 import pytest
 
 from tests.conftest import needs_fmnist, run_cli
-from tools import gpu_check
-from tools.gpu_check_common import Skip, check
+from ltrainer.tools import gpu_check
+from ltrainer.tools.gpu_check_common import Skip, check
 
 
 def _load(prefix):

@@ -138,7 +138,7 @@ def test_paper_moco_configs_store_the_monitor_bank_in_float16():
     import yaml
 
     from tests.conftest import ROOT
-    from tools import bench_scale
+    from ltrainer.tools import bench_scale
     for name in ("inat_moco_crt.yaml", "imagenet_lt_moco_crt.yaml"):
         with open(f"{ROOT}/configs/{name}") as f:
             stages = yaml.safe_load(f)["stages"]

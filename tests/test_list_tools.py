@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_pipelines.list_check import check_data_section, check_split_lists
 from tests.conftest import ROOT, run_cli
-from tools import check_lists
+from ltrainer.tools import check_lists
 
 LISTS = os.path.normpath(os.path.join(ROOT, "..", "shared", "lists"))
 needs_lists = pytest.mark.skipif(not os.path.isfile(os.path.join(LISTS, "ImageNet_LT_val.txt.gz")),

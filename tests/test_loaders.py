@@ -62,7 +62,7 @@ def lt_source():
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory):
     """64 tinted 64-px JPEGs and their list file."""
-    from tools.bench_loaders import make_jpeg_set
+    from ltrainer.tools.bench_loaders import make_jpeg_set
 
     d = tmp_path_factory.mktemp("jpegs")
     return read_list_file(make_jpeg_set(str(d), n=64, size=64))
@@ -308,7 +308,7 @@ def test_dali_decoder_failure_is_blamed_on_the_file(jpegs, tmp_path):
 
 def test_write_beton_cli_is_atomic_and_names_the_bad_file(bad_list, jpegs, tmp_path, capsys):
     need("ffcv")
-    from tools.write_beton import main
+    from ltrainer.tools.write_beton import main
 
     out = tmp_path / "x.beton"
     assert main(["--list", bad_list.origin_of(0).rsplit(":", 1)[0], "--root", "/",

@@ -100,7 +100,7 @@ def test_two_process_moco_matches_one_process_with_two_bn_groups(tmp_path, small
 
     Contiguous layout: with channels_last the 2-process gradients were seen to differ from the
     single-process ones by ~0.5% already at the first step (not explained yet; see the notes)."""
-    from launchers.train import launch
+    from ltrainer.launchers.train import launch
     over = [f"run.out_dir={tmp_path}", "run.deterministic=true", "data.n_max=60", "data.rho=10",
             "data.batch_size=16", f"data.test_list={small_test_list}", "data.augment=moco",
             "method.name=moco", "moco.queue=32", "moco.dim=16", "moco.momentum=0.9",

@@ -49,7 +49,7 @@ def imagenet_lt_lists(classes: int, per_class=lambda c: 1 + c % 5):
 
 
 def dry_run(capsys, *args):
-    from launchers.train import main
+    from ltrainer.launchers.train import main
     rc = main([*args, "--dry-run"])
     out = capsys.readouterr()
     return rc, out.out, out.err
@@ -144,7 +144,7 @@ def test_linear_lr_scaling_from_the_reference_batch():
 @needs_fmnist
 def test_the_engine_trains_at_the_scaled_lr_and_logs_it(tmp_path, small_test_list):
     """The lr of the metrics (what the optimizer steps with) and the first log line."""
-    from launchers.train import launch, prepare
+    from ltrainer.launchers.train import launch, prepare
     plan = prepare(os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml"), [
         f"run.out_dir={tmp_path}", "data.n_max=20", "data.rho=2", "data.batch_size=32",
         "model.name=resnet8", "sched.epochs=1", "sched.warmup_epochs=0", "sched.name=constant",
@@ -282,7 +282,7 @@ def test_inat_dry_run_as_typed_with_ltrainer_data(tmp_path, capsys, monkeypatch)
     rc, out, err = dry_run(capsys, INAT)
     assert rc == 0, err
     assert "8,142 of 8,142 classes" in out and "evaluates on val" in out
-    from launchers import submit    # as users type it (here without a cluster: --local)
+    from ltrainer.launchers import submit    # as users type it (here without a cluster: --local)
     assert submit.main(["--nodes", "4", "--local", "--dry-run", INAT]) == 0
     out = capsys.readouterr().out
     assert "crt: global batch 512" in out and "4 node(s) x 1 task(s) (4 ranks" in out
@@ -316,7 +316,7 @@ def test_env_substitution_is_generic_with_defaults(tmp_path, monkeypatch):
 
 def test_write_beton_of_a_config_with_stages(tmp_path, monkeypatch, capsys):
     pytest.importorskip("ffcv")
-    from tools.write_beton import main
+    from ltrainer.tools.write_beton import main
     monkeypatch.setenv("LTRAINER_DATA", str(tmp_path))
     write_set(tmp_path / "imagenet_lt", imagenet_lt_lists(3, lambda c: 2))
     rc = main(["--config", INLT, "data.num_classes=3", f"data.beton_dir={tmp_path / 'b'}",
@@ -348,7 +348,7 @@ def _list_config(tmp_path, label: int) -> str:
 
 def test_only_rank_0_of_a_job_checks_the_lists(tmp_path, monkeypatch):
     """Under torchrun every rank runs main(): the lists are parsed by rank 0 alone."""
-    from launchers import train as train_cli
+    from ltrainer.launchers import train as train_cli
     path = _list_config(tmp_path, label=2)
     seen = []
     real = train_cli.check_plan_data

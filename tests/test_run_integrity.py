@@ -38,7 +38,7 @@ def over(tiny):
 def main(capsys):
     """launchers/train.py's main() in this process: (exit status, stderr); signal handlers
     and the stop flag are restored afterwards."""
-    from launchers.train import main as train_main
+    from ltrainer.launchers.train import main as train_main
     before = {s: signal.getsignal(s) for s in engine.STOP_SIGNALS}
 
     def run(*argv):

@@ -2,7 +2,7 @@
 import os
 
 from tests.conftest import ROOT, needs_fmnist
-from tools import run_table
+from ltrainer.tools import run_table
 
 pytestmark = needs_fmnist
 
@@ -38,7 +38,7 @@ def test_a_failed_run_is_named_and_the_others_finish(tiny, tmp_path, capsys):
 
 
 def test_semi_table_runs_its_cells_and_writes_table_and_curve(tiny, tmp_path):
-    from tools import run_semi_table
+    from ltrainer.tools import run_semi_table
 
     out = tmp_path / "semi"
     over = [o for o in tiny if not o.startswith(("run.out_dir=", "sched."))]

@@ -113,7 +113,7 @@ def test_ncm_tau_norm_and_evaluation_per_rank_match_one_process(tiny, tmp_path, 
     """Finding 9: NCM (class sums), tau-norm's choice (per-class hits per tau) and the
     evaluation (sparse confusion counts) reduce per rank instead of gathering the split's
     features on every rank; 2 gloo processes give what 1 process gives."""
-    from launchers.train import launch
+    from ltrainer.launchers.train import launch
     from trainer.engine import Trainer
     kept, embed = [], Trainer.embed
 

@@ -16,7 +16,7 @@ from data_pipelines.sources import DataError, base_indices
 from data_pipelines.unlabeled_pool import (build_pool, image_ids, task_image_ids,
                                            unlabeled_counts)
 from tests.conftest import ROOT, needs_fmnist, run_cli
-from tools import make_unlabeled_pool as make_pool
+from ltrainer.tools import make_unlabeled_pool as make_pool
 from trainer import pseudo_labels
 from trainer.config import ConfigError, load_config
 from trainer.losses import class_balanced_weights

@@ -183,7 +183,7 @@ def two_node_reference(cluster, tmp_path_factory, small_test_list):
 def test_bad_requests_fail_before_submission(cluster, tmp_path, capsys):
     """Unknown key, missing data, too many nodes, unknown partition, GPUs on a CPU partition:
     exit 2 with a message that names the problem, and nothing reaches the queue."""
-    from launchers import submit
+    from ltrainer.launchers import submit
     before = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True,
                             text=True).stdout.split()
     out = ["run.out_dir=" + str(tmp_path / "runs")]

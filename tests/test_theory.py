@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from tools import theory
+from ltrainer.tools import theory
 
 
 def close_in_distribution(a, b):

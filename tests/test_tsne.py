@@ -14,7 +14,7 @@ FAST = ["--iters", "60", "--perplexity", "10", "--jobs", "1"]
 
 
 def test_subsample_keeps_every_class_and_is_deterministic():
-    from tools.tsne import subsample
+    from ltrainer.tools.tsne import subsample
 
     labels = np.array([0] * 5000 + [1] * 300 + [2] * 7)
     rows = subsample(labels, 500, seed=3, min_per_class=50)
@@ -25,7 +25,7 @@ def test_subsample_keeps_every_class_and_is_deterministic():
 
 
 def test_faiss_neighbors_match_brute_force():
-    from tools.tsne import faiss_neighbors
+    from ltrainer.tools.tsne import faiss_neighbors
 
     x = np.random.default_rng(0).standard_normal((120, 6)).astype(np.float32)
     ids, dist = faiss_neighbors(x, 5)
@@ -45,7 +45,7 @@ def bank(path, n, seed, counts):
 
 
 def test_plot_from_banks_states_the_subsample(tmp_path, capsys):
-    from tools import tsne
+    from ltrainer.tools import tsne
 
     counts = [400, 200, 100, 50, 19, 10]
     train, test = bank(tmp_path / "tr", 780, 1, counts), bank(tmp_path / "te", 300, 2, counts)
@@ -61,7 +61,7 @@ def test_plot_from_banks_states_the_subsample(tmp_path, capsys):
 @needs_fmnist
 def test_compare_two_run_folders(tmp_path, small_test_list, capsys):
     from tests.test_feature_bank import make_run
-    from tools import tsne
+    from ltrainer.tools import tsne
 
     a = make_run(tmp_path / "ce", small_test_list, seed=0, model="mlp")
     b = make_run(tmp_path / "ssp", small_test_list, seed=1, model="mlp")
@@ -77,7 +77,7 @@ def test_compare_two_run_folders(tmp_path, small_test_list, capsys):
 @needs_fmnist
 def test_inspect_pair_reports_knn_leakage_and_tsne(tmp_path, small_test_list):
     from tests.test_feature_bank import make_run
-    from tools import inspect_pair
+    from ltrainer.tools import inspect_pair
     from trainer import feature_bank as fb
 
     a = make_run(tmp_path / "ce", small_test_list, seed=0, model="mlp")

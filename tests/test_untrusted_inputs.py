@@ -135,7 +135,7 @@ def test_label_99_stops_self_training_at_construction(tiny, tmp_path):
 
 @needs_fmnist
 def test_dry_run_refuses_a_bad_pseudo_label_file(tmp_path, capsys):
-    from launchers.train import main
+    from ltrainer.launchers.train import main
 
     path = write_pl(tmp_path / "pl.npz", labels=np.full(40, 99))
     assert main([CE, "method.name=self_training", f"semi.pseudo_labels={path}",
@@ -222,7 +222,7 @@ def test_nan_checkpoint_is_refused_naming_the_file_and_key(tmp_path):
 
 @needs_fmnist
 def test_dry_run_refuses_a_nan_model_init(tmp_path, capsys):
-    from launchers.train import main
+    from ltrainer.launchers.train import main
 
     state = resnet8_state()
     state["backbone.conv1.weight"][0, 0, 0, 0] = float("inf")
@@ -259,7 +259,7 @@ def test_unfinished_run_folder_is_refused_unless_its_checkpoint_is_named(tmp_pat
 
 @needs_fmnist
 def test_dry_run_refuses_an_unfinished_model_init_and_accepts_its_checkpoint(tmp_path, capsys):
-    from launchers.train import main
+    from ltrainer.launchers.train import main
 
     run_dir, _ = unfinished_run(tmp_path / "run")
     common = [CE, f"run.out_dir={tmp_path}", "--dry-run"]

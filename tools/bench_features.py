@@ -19,12 +19,10 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-from tools.tsne import embed  # noqa: E402
+from ltrainer.tools.tsne import embed  # noqa: E402
 from trainer import feature_bank as fb  # noqa: E402
 
 FULL = {"knn": ["100000x512", "1000000x128"], "tsne": [10000, 50000], "queries": 1000}

@@ -24,7 +24,6 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_jpeg_set(out_dir: str, n: int = 2000, size: int = 256, quality: int = 90,

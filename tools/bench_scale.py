@@ -29,7 +29,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 SETS = {  # name -> (config, train list, val list, test list or None, classes)
     "inat": ("configs/inat_moco_crt.yaml", "iNaturalist18_train.txt", "iNaturalist18_val.txt",

@@ -14,8 +14,6 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def images_per_second(model_name: str, batch: int, steps: int, threads: int) -> float:

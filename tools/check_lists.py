@@ -20,8 +20,6 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from data_pipelines.list_check import check_data_section  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402

@@ -21,8 +21,6 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from data_pipelines.sources import DataError  # noqa: E402
 from trainer import feature_bank as fb  # noqa: E402

@@ -28,14 +28,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 # Imported once here, so that every forked part starts with torch and the project loaded.
 # Nothing here may initialise CUDA: a process that did cannot fork children that use it.
-from tools import gpu_check_common as common  # noqa: E402
-from tools import gpu_check_i18 as i18  # noqa: E402
-from tools import gpu_check_parts as parts  # noqa: E402
+from ltrainer.tools import gpu_check_common as common  # noqa: E402
+from ltrainer.tools import gpu_check_i18 as i18  # noqa: E402
+from ltrainer.tools import gpu_check_parts as parts  # noqa: E402
 
 
 @dataclass

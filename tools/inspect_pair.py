@@ -14,10 +14,8 @@ import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from tools import tsne  # noqa: E402
+from ltrainer.tools import tsne  # noqa: E402
 from trainer import feature_bank as fb  # noqa: E402
 
 

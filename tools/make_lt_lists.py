@@ -19,9 +19,6 @@ import json
 import os
 import sys
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
 
 from data_pipelines.longtail import (PROFILES, SVHN_CLASS_ORDER, SVHN_N_MAX,  # noqa: E402
                                      class_counts, lt_counts, lt_indices)

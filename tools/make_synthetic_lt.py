@@ -42,8 +42,6 @@ import zlib
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from data_pipelines.list_format import parse_bytes  # noqa: E402
 

@@ -21,8 +21,6 @@ import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from data_pipelines.sources import DataError  # noqa: E402
 from data_pipelines.unlabeled_pool import POOL_JSON, build_pool, pool_files  # noqa: E402

@@ -24,10 +24,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from tools import collect_results  # noqa: E402
-from tools.run_table import exit_code, launch_all  # noqa: E402
+from ltrainer.tools import collect_results  # noqa: E402
+from ltrainer.tools.run_table import exit_code, launch_all  # noqa: E402
 from trainer.pipeline import load_plan  # noqa: E402
 
 METHODS = {"CE": [], "LDAM-DRW": ["loss.name=ldam", "model.head=cosine", "train_rule.name=drw"]}

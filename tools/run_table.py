@@ -21,9 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from tools import collect_results  # noqa: E402
+from ltrainer.tools import collect_results  # noqa: E402
 
 FMNIST_TABLE = ["fmnist_lt_ce", "fmnist_lt_cb_ce", "fmnist_lt_focal", "fmnist_lt_ce_drw",
                 "fmnist_lt_ce_drs", "fmnist_lt_ldam_drw"]

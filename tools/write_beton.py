@@ -22,7 +22,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipelines.sources import DataError  # noqa: E402
 

@@ -294,26 +294,55 @@ def broadcast_buffers(modules, src: int = 0):
                 dist.broadcast(buf.data, src=src)
 
 
-def _local_worker(local_rank: int, world: int, port: int, fn, kwargs: dict):
+def _local_worker(local_rank: int, world: int, port: int, fn, kwargs: dict, result_path: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(world))
     try:
-        fn(**kwargs)
+        result = fn(**kwargs)
     finally:
         cleanup()
+    if local_rank == 0 and result is not None:
+        import json
+        with open(result_path, "w") as f:
+            json.dump(result, f)
 
 
-def run_local(fn, nproc: int, kwargs: dict):
-    """fn(**kwargs) on `nproc` local processes that form one process group (a tool's --nproc);
-    in this process when nproc <= 1 or under torchrun. `fn` must be a module-level function."""
+def run_local(fn, nproc: int, kwargs: dict, forward_signals=()):
+    """fn(**kwargs) on `nproc` local processes that form one process group: the one local
+    spawner (launchers/train.py --nproc, a tool's --nproc, tests). In this process when
+    nproc <= 1 or under torchrun. `fn` must be a module-level function; returns rank 0's
+    return value (JSON-able, or None). Signals in `forward_signals` that reach this process go
+    to every child (a stop request). A child exiting with a status raises
+    torch.multiprocessing.ProcessExitedException (`.exit_code`); an exception in a child,
+    ProcessRaisedException."""
     if nproc <= 1 or "RANK" in os.environ:
         return fn(**kwargs)
-    import torch.multiprocessing as mp
+    import json
+    import signal
+    import tempfile
 
-    mp.start_processes(_local_worker, args=(nproc, free_port(), fn, kwargs), nprocs=nproc,
-                       start_method="spawn")
-    return None
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        ctx = mp.start_processes(_local_worker, args=(nproc, free_port(), fn, kwargs, out),
+                                 nprocs=nproc, start_method="spawn", join=False)
+
+        def forward(signum, _frame):
+            for p in ctx.processes:
+                if p.is_alive():
+                    os.kill(p.pid, signum)
+        before = {s: signal.signal(s, forward) for s in forward_signals}
+        try:
+            while not ctx.join():
+                pass
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
+        if not os.path.exists(out):
+            return None
+        with open(out) as f:
+            return json.load(f)
 
 
 def sync_batchnorm(module: torch.nn.Module, wanted: bool, info: DistInfo):

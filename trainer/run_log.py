@@ -3,6 +3,7 @@ progress with rate and ETA. Only rank 0 writes; other ranks get a silent logger.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -35,6 +36,37 @@ class PlanPosition:
                           for e, m in self.later)
 
 
+# The project's `logging` loggers (data_pipelines logs skipped images, DALI rebuilds, .beton
+# writes there): while a run is open on rank 0, their records go to its run.log and console
+# too. The one logging set-up of the project; other ranks keep logging's default (stderr).
+LIBRARY_LOGGERS = ("data_pipelines", "trainer")
+
+
+class _ToRunLog(logging.Handler):
+    def __init__(self, run_log: "RunLog"):
+        super().__init__(logging.INFO)
+        self.run_log = run_log
+
+    def emit(self, record: logging.LogRecord):
+        try:
+            self.run_log.info(f"{record.levelname.lower()} ({record.name}): {record.getMessage()}")
+        except Exception:   # a log line must never stop a run
+            self.handleError(record)
+
+
+_attached: list[_ToRunLog] = []   # at most one: the run that opened last
+
+
+def _attach(handler: _ToRunLog | None):
+    """Route the library loggers to `handler` alone (None: to nobody, logging's default)."""
+    for old in _attached:
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).removeHandler(old)
+    _attached[:] = [handler] if handler else []
+    for name in LIBRARY_LOGGERS if handler else ():
+        logging.getLogger(name).addHandler(handler)
+
+
 class RunLog:
     def __init__(self, run_dir: str, enabled: bool, progress: str = "auto", prefix: str = ""):
         self.enabled = enabled
@@ -45,6 +77,9 @@ class RunLog:
         if progress == "auto":
             self.progress = "bar" if sys.stderr.isatty() else "lines"
         self._log = open(os.path.join(run_dir, "run.log"), "a") if enabled else None
+        self._handler = _ToRunLog(self) if enabled else None
+        if enabled:
+            _attach(self._handler)
         self._tb = None
         if enabled:
             try:  # optional: TensorBoard event files when the package is installed
@@ -58,8 +93,9 @@ class RunLog:
             return
         line = f"[{time.strftime('%H:%M:%S')}] {self.prefix}{msg}"
         print(line, flush=True)
-        self._log.write(line + "\n")
-        self._log.flush()
+        if self._log is not None:   # None once closed
+            self._log.write(line + "\n")
+            self._log.flush()
 
     def metrics(self, record: dict):
         """Append one JSON line to metrics.jsonl (and scalars to TensorBoard)."""
@@ -96,8 +132,11 @@ class RunLog:
         self.records = len(lines)
 
     def close(self):
+        if self._handler is not None and self._handler in _attached:
+            _attach(None)
         if self._log:
             self._log.close()
+            self._log = None
         if self._tb is not None:
             self._tb.close()
 

@@ -1,0 +1,91 @@
+"""The installed project (issue 17 item 4): the wheel holds no generic top-level package
+(`tools`, `launchers`), every project file has one module name, nothing edits sys.path, the
+console scripts resolve, and one function spawns local ranks."""
+from __future__ import annotations
+
+import ast
+import glob
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOP_LEVEL = {"trainer", "data_pipelines", "configspec", "ltrainer"}
+INSTALLED = {"trainer": "trainer", "data_pipelines": "data_pipelines", "configspec": "configspec",
+             "launchers": "ltrainer/launchers", "tools": "ltrainer/tools"}
+
+
+def project_files(*folders):
+    folders = folders or (*INSTALLED, "tests")
+    for folder in folders:
+        yield from sorted(glob.glob(os.path.join(ROOT, folder, "**", "*.py"), recursive=True))
+
+
+def test_wheel_installs_no_generic_top_level_names(tmp_path):
+    src = tmp_path / "src"   # a copy: building writes build/ and *.egg-info beside the sources
+    for folder in INSTALLED:
+        shutil.copytree(os.path.join(ROOT, folder), src / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
+                    "--no-build-isolation", "-q", "-w", str(tmp_path)],
+                   check=True, capture_output=True, timeout=300)
+    wheel, = glob.glob(str(tmp_path / "ltrainer-*.whl"))
+    names = [n for n in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in n]
+    assert {n.split("/")[0] for n in names} == TOP_LEVEL
+    for path in project_files(*INSTALLED):   # every file, under its one installed name
+        rel = os.path.relpath(path, ROOT).split(os.sep)
+        assert "/".join([INSTALLED[rel[0]], *rel[1:]]) in names, path
+
+
+def test_no_sys_path_edits():
+    edits = re.compile(r"sys\.path\s*(\.(insert|append|extend)|\[|=|\+=)|site\.addsitedir")
+    found = [f"{os.path.relpath(p, ROOT)}:{i}" for p in project_files()
+             for i, line in enumerate(open(p), 1) if edits.search(line)]
+    assert not found, f"sys.path edited (the project is installed: pip install -e .): {found}"
+
+
+def _imports(path):
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            yield node.module
+
+
+def test_scripts_folders_have_one_module_name():
+    """tools/x.py is ltrainer.tools.x: importing it as `tools.x` would load a second copy."""
+    found = [(os.path.relpath(p, ROOT), m) for p in project_files() for m in _imports(p)
+             if m.split(".")[0] in ("tools", "launchers")]
+    assert not found, f"import these as ltrainer.tools / ltrainer.launchers: {found}"
+
+
+def _console_scripts():
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]["scripts"]
+
+
+@pytest.mark.parametrize("name", sorted(_console_scripts()))
+def test_console_scripts(name):
+    """Each entry point is a main() of a launcher or tool, and the README lists it."""
+    module, _, func = _console_scripts()[name].partition(":")
+    assert callable(getattr(importlib.import_module(module), func))
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert f"`{name}`" in f.read(), f"README names no console script {name}"
+
+
+def test_one_local_spawner():
+    """Local ranks are started in one place, trainer.distributed.run_local (signals forwarded,
+    rank 0's result returned): launchers and tools call it rather than spawn their own."""
+    spawn = re.compile(r"\b(start_processes|mp\.spawn|multiprocessing\.spawn)\(")
+    found = [os.path.relpath(p, ROOT) for p in project_files(*INSTALLED)
+             if spawn.search(open(p).read())]
+    assert found == ["trainer/distributed.py"], found
