@@ -22,6 +22,7 @@ and a classmethod `check_config(cls, cfg, fail)`; checks run only for the select
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -117,7 +118,8 @@ class Registry(dict):
         self.section, self.name_key = key.split(".")
         self.default, self.help = default, help
         self.common = Part(config or {}, check)
-        self.parts: dict[str, Part] = {}
+        self.parts: dict[str, Part] = _FamilyParts(self)
+        self.families: dict[str, Any] = {}   # prefix -> builder(rest of the name, **kw)
 
     def add(self, name: str, obj, config: dict | None = None, check: Check | None = None):
         if name in self:
@@ -125,6 +127,27 @@ class Registry(dict):
         self[name] = obj
         self.parts[name] = Part(config or {}, check)
         return obj
+
+    def add_family(self, prefix: str, builder, config: dict | None = None,
+                   check: Check | None = None):
+        """Names `prefix` + anything (e.g. 'timm/<model>'): REG[name] is builder bound to the
+        rest of the name. The family's Part is listed once, as `prefix` + '<name>'."""
+        self.families[prefix] = builder
+        self.parts[f"{prefix}<name>"] = Part(config or {}, check)
+        return builder
+
+    def family_of(self, name) -> str | None:
+        return next((p for p in self.families if isinstance(name, str)
+                     and name.startswith(p) and len(name) > len(p)), None)
+
+    def __contains__(self, name) -> bool:
+        return dict.__contains__(self, name) or self.family_of(name) is not None
+
+    def __missing__(self, name):
+        prefix = self.family_of(name)
+        if prefix is None:
+            raise KeyError(name)
+        return functools.partial(self.families[prefix], name[len(prefix):])
 
     def register(self, name: str | None = None, *, config: dict | None = None,
                  check: Check | None = None):
@@ -139,6 +162,20 @@ class Registry(dict):
 
     def name_field(self) -> Field:
         return Field("str", self.default, self, help=self.help)
+
+
+class _FamilyParts(dict):
+    """A registry's Parts by name; a family member's name finds its family's Part."""
+
+    def __init__(self, registry: Registry):
+        super().__init__()
+        self.registry = registry
+
+    def __missing__(self, name):
+        prefix = self.registry.family_of(name)
+        if prefix is None:
+            raise KeyError(name)
+        return self[f"{prefix}<name>"]
 
 
 # ----------------------------------------------------------------------------- composition

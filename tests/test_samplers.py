@@ -171,7 +171,7 @@ def test_sequential_sampler_and_bad_args():
     with pytest.raises(ValueError, match="rank"):
         UniformSampler(10, batch_size=2, world_size=2, rank=2)
     with pytest.raises(ValueError, match="unknown kind"):
-        build_sampler("progressive", np.zeros(4, int), batch_size=2)
+        build_sampler("progresive", np.zeros(4, int), batch_size=2)  # "progressive" is a kind now
     with pytest.raises(ValueError, match="no items"):
         ClassWeightedSampler(np.zeros(4, int), [0.5, 0.5], 10, batch_size=2)
 

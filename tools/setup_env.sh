@@ -40,10 +40,10 @@ apt_install "munge slurmctld slurmd slurm-client" \
 # CUDA 13 build, matching torch; its CPU pipelines run without a GPU). FFCV compiles against
 # libjpeg-turbo and OpenCV, which it also needs at run time: Debian packages.
 FFCV_APT="pkg-config libturbojpeg0-dev libopencv-dev"
-EXTRAS="dev,slurm,dali,ffcv"
+EXTRAS="dev,slurm,timm,dali,ffcv"
 apt_install "$FFCV_APT" \
   "FFCV needs 'sudo apt-get install $FFCV_APT'; installing without FFCV (its tests skip)" \
-  || EXTRAS="dev,slurm,dali"
+  || EXTRAS="dev,slurm,timm,dali"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"

@@ -1,0 +1,261 @@
+"""Methods beyond the 2020 baselines (issue 16), each against a hand computation on tiny
+inputs: logit-adjusted loss, post-hoc logit adjustment, and the evaluation protocol that
+keeps hyper-parameter selection off the reported split."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import ROOT
+from trainer.config import ConfigError, load_config
+
+CE = os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml")
+
+
+# ------------------------------------------------------------------------ logit-adjusted loss
+
+def test_logit_adjusted_loss_against_a_hand_computation():
+    """Counts [3, 1], tau = 2: the logits [1, 2] become 1 + 2 log 3/4 and 2 + 2 log 1/4, so
+    p_1 = (e^2 / 16) / (9e / 16 + e^2 / 16) = e / (9 + e): loss log(1 + 9/e) for label 1 and
+    log(1 + e/9) for label 0. tau = 1 is Balanced Softmax, tau = 0 plain cross-entropy."""
+    from trainer.losses import create_loss
+    logits, target = torch.tensor([[1.0, 2.0], [1.0, 2.0]]), torch.tensor([1, 0])
+    per_sample = create_loss("logit_adjusted", [3, 1], tau=2.0, reduction="none")(logits, target)
+    assert torch.allclose(per_sample, torch.tensor([math.log(1 + 9 / math.e),
+                                                    math.log(1 + math.e / 9)]), atol=1e-6)
+    one = create_loss("logit_adjusted", [3, 1], tau=1.0)(logits, target)
+    assert torch.isclose(one, create_loss("balanced_softmax", [3, 1])(logits, target))
+    zero = create_loss("logit_adjusted", [3, 1], tau=0.0)(logits, target)
+    assert torch.isclose(zero, torch.nn.functional.cross_entropy(logits, target))
+    with pytest.raises(ValueError, match="logit_adjusted: every class needs at least one"):
+        create_loss("logit_adjusted", [3, 0])
+
+
+def test_logit_adjusted_loss_from_its_config():
+    from trainer.losses import loss_from_config
+    cfg = load_config(os.path.join(ROOT, "configs", "fmnist_lt_logit_adjusted.yaml"),
+                      ["loss.la_tau=0.5"])
+    loss = loss_from_config(cfg.loss, [10, 1])
+    assert loss.tau == 0.5
+    assert torch.allclose(loss.log_prior, 0.5 * torch.tensor([10 / 11, 1 / 11]).log())
+    with pytest.raises(ConfigError, match="loss.la_tau = -1 must be >= 0"):
+        load_config(CE, ["loss.name=logit_adjusted", "loss.la_tau=-1"])
+
+
+# -------------------------------------------------------------------- post-hoc adjustment
+
+class _Identity(nn.Module):
+    """Features = inputs, so a head with weight I and bias 0 returns the inputs as logits."""
+    out_dim = 2
+
+    def forward(self, x):
+        return x
+
+
+class _FakeTrainer:
+    """What prepare_eval uses: embed(split, fn) over a fixed split, and a log."""
+
+    def __init__(self, splits):
+        self.splits, self.log, self.asked = splits, logging.getLogger("test"), []
+
+    def embed(self, split, fn, gather=True):
+        self.asked.append(split)
+        x, y = self.splits[split]
+        return fn(x), y
+
+
+def _posthoc(tmp_path, *over):
+    from trainer.methods import create_method
+    from trainer.models import Classifier, LinearHead, create_model
+    init = tmp_path / "init.pt"
+    torch.save(create_model("mlp", 2, in_channels=1, image_size=28).state_dict(), init)
+    cfg = load_config(CE, ["method.name=logit_adjust", f"model.init={init}", "model.name=mlp",
+                           "model.init_head=true", "sched.epochs=0", "sched.warmup_epochs=0",
+                           "data.val_per_class=5", *over])
+    data = types.SimpleNamespace(class_counts=[3, 1], num_classes=2, in_channels=1)
+    method = create_method(cfg, data, torch.device("cpu"))
+    head = LinearHead(2, 2)
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.eye(2))
+        head.fc.bias.zero_()
+    method.model = Classifier(_Identity(), head)
+    return method
+
+
+def test_post_hoc_logit_adjustment_chooses_tau_on_val_by_hand(tmp_path):
+    """Prior [3/4, 1/4]. Val logits [1, .5] (label 1) and [2, 0] (label 0), minus tau log pi:
+    tau 0 predicts 0, 0 (balanced accuracy 50%); tau 1: [1.29, 1.89] -> 1, [2.29, 1.39] -> 0
+    (100%); tau 2: [1.58, 3.27] -> 1, [2.58, 2.77] -> 1 (50%). So tau = 1, and the final
+    classifier's bias is -log pi = [log 4/3, log 4]."""
+    method = _posthoc(tmp_path, "logit_adjust.grid=[0.0, 1.0, 2.0]")
+    trainer = _FakeTrainer({"val": (torch.tensor([[1.0, 0.5], [2.0, 0.0]]), torch.tensor([1, 0]))})
+    method.prepare_eval(trainer)
+    assert trainer.asked == ["val"]
+    assert method.tau == 1.0
+    assert method.search == {"0": 50.0, "1": 100.0, "2": 50.0}
+    logits = method.predict(method.model, torch.tensor([[1.0, 0.5]]))
+    assert torch.allclose(logits, torch.tensor([[1 - math.log(0.75), 0.5 - math.log(0.25)]]))
+    final = method.final_model()
+    assert torch.allclose(final.head.fc.bias, torch.tensor([math.log(4 / 3), math.log(4)]))
+    summary = method.summary()
+    assert summary["tau"] == 1.0 and summary["tau_selected_on"] == "val"
+    assert "tau_note" not in summary        # val is held out from the reported test split
+
+
+def test_post_hoc_fixed_tau_reads_no_split(tmp_path):
+    method = _posthoc(tmp_path, "logit_adjust.tau=0.5")
+    trainer = _FakeTrainer({})
+    method.prepare_eval(trainer)
+    assert trainer.asked == [] and method.tau == 0.5
+    assert method.summary()["tau_selected_on"] == "config (logit_adjust.tau)"
+
+
+# ---------------------------------------------------------------------- evaluation protocol
+
+LIST = ["data.source=list", "data.train_list=a", "data.stats=imagenet", "data.root=r"]
+POSTHOC = ["method.name=logit_adjust", "model.init=x", "model.init_head=true", "sched.epochs=0",
+           "sched.warmup_epochs=0"]
+
+
+@pytest.mark.parametrize("over, message", [
+    # Fashion-MNIST can hold a validation split out of its unused training images
+    (["logit_adjust.split=test"],
+     r"logit_adjust\.split = 'test' selects on the split the results report \(eval\.split = "
+     r"'test'\), which makes them an oracle; select on 'val' instead: set data\.val_per_class"),
+    (["logit_adjust.split=test", "data.val_per_class=5"],
+     r"logit_adjust\.split = 'test' selects on the split the results report"),
+    # a list task with a val list must select on it
+    (LIST + ["data.test_list=b", "data.val_list=v", "logit_adjust.split=test"],
+     r"logit_adjust\.split = 'test' selects on the split the results report \(eval\.split = "
+     r"'test'\), which makes them an oracle; select on 'val' instead$"),
+])
+def test_selecting_on_the_reported_split_is_refused(over, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CE, POSTHOC + over)
+
+
+def test_selection_on_the_only_held_out_split_is_allowed_and_said():
+    """iNaturalist 2018: 'val' is the only held-out split, so it both selects and reports."""
+    from trainer.protocol import selection_note
+    cfg = load_config(CE, POSTHOC + LIST + ["data.val_list=v", "data.test_list=null",
+                                            "eval.split=val"])
+    note = selection_note(cfg, cfg.logit_adjust.split)
+    assert "no validation split apart from it" in note and "iNaturalist" in note
+    held_out = load_config(CE, POSTHOC + LIST + ["data.val_list=v", "data.test_list=t"])
+    assert selection_note(held_out, held_out.logit_adjust.split) is None
+
+
+
+# --------------------------------------------------------- progressively-balanced sampler
+
+def test_progressive_class_probabilities_by_hand():
+    """Counts [3, 0, 1] (class 1 empty), T = 4: p(t) = (1 - t/4) [3/4, 0, 1/4] + t/4 [1/2, 0, 1/2]:
+    epoch 0 [.75, 0, .25], epoch 2 [.625, 0, .375], epoch 4 and later [.5, 0, .5]."""
+    from data_pipelines.samplers import build_sampler
+    s = build_sampler("progressive", [0, 2, 0, 0], batch_size=1, num_epochs=4)
+    assert len(s) == 4                                   # an epoch is N draws
+    for epoch, want in ((0, [.75, 0, .25]), (2, [.625, 0, .375]), (4, [.5, 0, .5]),
+                        (9, [.5, 0, .5])):
+        assert s.class_probs(epoch).tolist() == pytest.approx(want)
+    with pytest.raises(ValueError, match="'progressive' needs num_epochs"):
+        build_sampler("progressive", [0, 1], batch_size=1)
+
+
+def test_progressive_sampler_draws_follow_p_and_use_items_evenly():
+    import numpy as np
+    from data_pipelines.samplers import build_sampler
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    s = build_sampler("progressive", labels, batch_size=100, num_epochs=2,
+                      num_samples=30000, seed=3)
+    for epoch in (0, 1, 2):
+        s.set_epoch(epoch)
+        order = s.global_order().numpy()
+        freq = np.bincount(labels[order], minlength=3) / len(order)
+        assert freq == pytest.approx(s.class_probs(epoch), abs=0.01)
+        for c in range(3):                 # every item of a class drawn within 1 of the others
+            hits = np.bincount(order[labels[order] == c], minlength=len(labels))
+            hits = hits[labels == c]
+            assert hits.max() - hits.min() <= 1, (epoch, c)
+    # a pure function of (seed, epoch): rebuilt, the same order; another epoch, another one
+    again = build_sampler("progressive", labels, batch_size=100, num_epochs=2,
+                          num_samples=30000, seed=3)
+    assert torch.equal(again.global_order(1), s.global_order(1))
+    assert not torch.equal(s.global_order(0), s.global_order(1))
+
+
+def test_progressive_sampler_ranks_share_one_global_order():
+    """Every rank builds the single process's global order (the shared sharding then gives
+    each its contiguous slices, tests/test_samplers.py)."""
+    from data_pipelines.samplers import build_sampler
+    labels = [0] * 12 + [1] * 3 + [2]
+    one = build_sampler("progressive", labels, batch_size=4, num_epochs=3, seed=1)
+    ranks = [build_sampler("progressive", labels, batch_size=2, world_size=2, rank=r,
+                           num_epochs=3, seed=1) for r in range(2)]
+    for s in (one, *ranks):
+        s.set_epoch(1)
+    assert all(torch.equal(r.global_order(), one.global_order()) for r in ranks)
+    assert sorted(i for r in ranks for i, _ in r) == sorted(i for i, _ in one)
+
+
+# --------------------------------------------------------------------------- timm backbones
+
+def test_timm_names_are_checked_with_the_config():
+    pytest.importorskip("timm")
+    cfg = load_config(CE, ["model.name=timm/test_vit"])
+    assert cfg.model.name == "timm/test_vit"
+    with pytest.raises(ConfigError, match=r"model\.name = 'timm/test_vti': timm .* has no "
+                                          r"model 'test_vti'; did you mean timm/test_vit"):
+        load_config(CE, ["model.name=timm/test_vti"])
+    with pytest.raises(ConfigError, match="unknown model|one of"):
+        load_config(CE, ["model.name=timm/"])          # the family needs a name after it
+
+
+def test_missing_timm_is_one_clear_line(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "timm", None)      # import timm raises ImportError
+    with pytest.raises(ConfigError, match=r"model\.name = 'timm/\.\.\.' needs timm, which "
+                                          r"cannot be imported .*: pip install timm"):
+        load_config(CE, ["model.name=timm/test_vit"])
+
+
+@pytest.mark.parametrize("name, classifier", [("test_vit", "head"), ("test_resnet", "fc"),
+                                              ("test_convnext", "head.fc")])
+def test_timm_backbone_with_our_heads_loads_a_local_timm_file_and_exports(tmp_path, name,
+                                                                          classifier):
+    """A timm file (as saved from timm.create_model(..., pretrained=True) elsewhere) starts
+    the backbone through model.init; its classifier is dropped, or loaded with init_head;
+    the export loads strictly into timm's own model and gives the same logits."""
+    timm = pytest.importorskip("timm")
+    from trainer.models import create_model, export_torchvision_state_dict
+    from trainer.transfer import load_pretrained
+    src = timm.create_model(name, pretrained=False, num_classes=5, in_chans=1, img_size=32) \
+        if "vit" in name else timm.create_model(name, pretrained=False, num_classes=5, in_chans=1)
+    torch.save(src.state_dict(), tmp_path / "timm.pth")
+    for head in ("linear", "cosine"):
+        model = create_model(f"timm/{name}", 5, in_channels=1, head=head, image_size=32)
+        assert model.backbone.classifier_name == classifier
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 5)
+        msg = load_pretrained(model, str(tmp_path / "timm.pth"))
+        theirs = src.state_dict()
+        for k, v in model.backbone.state_dict().items():
+            assert torch.equal(v, theirs[k]), k
+    model = create_model(f"timm/{name}", 5, in_channels=1, image_size=32)
+    msg = load_pretrained(model, str(tmp_path / "timm.pth"), with_head=True)
+    assert "and the classifier" in msg
+    assert torch.equal(model.head.fc.weight, src.state_dict()[f"{classifier}.weight"])
+    model.eval()
+    src.eval()
+    x = torch.randn(3, 1, 32, 32)
+    back = timm.create_model(name, pretrained=False, num_classes=5, in_chans=1,
+                             **({"img_size": 32} if "vit" in name else {}))
+    back.load_state_dict(export_torchvision_state_dict(model), strict=True)
+    back.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x))
+        torch.testing.assert_close(src(x), model(x))
