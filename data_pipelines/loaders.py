@@ -228,7 +228,7 @@ def _torchvision_loader(cfg, dataset, sampler, batch_size, seed, spec, policy):
     workers = loader_workers(cfg["workers"])   # never more than this process's cores allow
     if policy == "fail":
         return build_torchvision_loader(dataset, sampler, batch_size, workers, seed,
-                                        pin_memory=pin)
+                                        pin_memory=pin, spec=spec)   # spec: decode.py's path
     return SkippingLoader(dataset, sampler, batch_size, workers, seed, pin_memory=pin)
 
 

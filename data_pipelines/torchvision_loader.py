@@ -2,7 +2,9 @@
 
 The reference code never seeded its workers; here python ``random``, numpy and torch are
 seeded in every worker from (seed, worker_id), so any library randomness outside the
-per-sample seeds is reproducible too.
+per-sample seeds is reproducible too. Image files with an ImageNet-style recipe go through
+decode.py (crop-sized DCT decoding, one batched fetch per batch) when the caller passes the
+recipe's AugmentSpec; everything else through the dataset's own transform.
 """
 
 from __future__ import annotations
@@ -30,14 +32,22 @@ class WorkerSeeder:
 
 
 def build_torchvision_loader(dataset, sampler, batch_size: int, workers: int, seed: int,
-                             pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
-    """DataLoader over ``dataset`` in ``sampler`` order; ``batch_size`` is the per-rank batch."""
+                             pin_memory: bool = False, drop_last: bool = False,
+                             spec=None) -> DataLoader:
+    """DataLoader over ``dataset`` in ``sampler`` order; ``batch_size`` is the per-rank batch.
+    ``spec`` (loaders.AugmentSpec of the dataset's recipe) enables the fast decode path."""
     if batch_size < 1:
         raise ValueError(f"build_torchvision_loader: expected batch_size >= 1, got {batch_size}")
     if workers < 0:
         raise ValueError(f"build_torchvision_loader: expected workers >= 0, got {workers}")
     generator = torch.Generator()
     generator.manual_seed(int(seed) & ((1 << 63) - 1))
+    collate = None
+    if spec is not None:
+        from . import decode
+
+        if decode.supports(dataset, spec):
+            dataset, collate = decode.CropDecodeDataset(dataset, spec), decode.collate_batch
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -48,4 +58,5 @@ def build_torchvision_loader(dataset, sampler, batch_size: int, workers: int, se
         worker_init_fn=WorkerSeeder(seed),
         generator=generator,
         persistent_workers=workers > 0,
+        collate_fn=collate,
     )
