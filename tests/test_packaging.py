@@ -32,7 +32,7 @@ def test_wheel_installs_no_generic_top_level_names(tmp_path):
     for folder in INSTALLED:
         shutil.copytree(os.path.join(ROOT, folder), src / folder,
                         ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(os.path.join(ROOT, name), src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
                     "--no-build-isolation", "-q", "-w", str(tmp_path)],
