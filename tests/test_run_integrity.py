@@ -537,3 +537,22 @@ def test_randomized_kills_over_a_two_stage_pipeline(over, tmp_path):
         res_a.pop("train_seconds"), res_b.pop("train_seconds")
         assert res_a == res_b
         assert not [n for n in os.listdir(rb) if ".tmp" in n]
+
+
+def test_a_list_edited_under_the_same_path_is_another_data_set(over, tmp_path, main,
+                                                                small_test_list):
+    """The fingerprint holds each list file's sha1: a regenerated list under the same name
+    is refused by name ('data.test_list content'); a record from before digests existed
+    (no content key) still resumes."""
+    lst = tmp_path / "test.txt"
+    lst.write_text(open(small_test_list).read())
+    args = [CE, *over, "run.name=r", f"data.test_list={lst}"]
+    assert main(*args)[0] == 0
+    assert main(*args)[0] == 0                                  # unchanged: finished, skipped
+    lst.write_text(open(small_test_list).read().replace("\n0 ", "\n1 ", 1))  # one label edited
+    code, err = main(*args)
+    assert code == 2 and "data.test_list content: " in err, err
+    fp = json.loads((tmp_path / "r" / FINGERPRINT).read_text())    # as written before digests
+    del fp["keys"]["data.test_list content"]
+    (tmp_path / "r" / FINGERPRINT).write_text(json.dumps(fp))
+    assert main(*args)[0] == 0

@@ -133,8 +133,24 @@ def fingerprint(cfg, world_size: int) -> dict:
         folder = _upstream_folder(flat.get(key))
         if folder is not None:
             keys[f"{key} fingerprint"] = read_fingerprint(folder)["digest"]
+    for key in [k for k in keys if k.endswith("_list")]:
+        if isinstance(keys[key], str) and os.path.isfile(keys[key]):
+            keys[f"{key} {CONTENT}"] = list_digest(keys[key])
     digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
     return {"version": 1, "digest": digest, "keys": keys}
+
+
+CONTENT = "content"   # '<key> content': the sha1 of a list file the config names
+
+
+def list_digest(path: str) -> str:
+    """sha1 of a list file's bytes: an edited or regenerated list under the same path is
+    another data set (the 437,513 lines of iNat's train list hash in well under a second)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_fingerprint(run_dir: str) -> dict | None:
@@ -170,11 +186,13 @@ _NO_DEFAULT = object()
 def _diff(old: dict, new: dict) -> dict:
     """Keys whose values differ. A key the old record lacks but whose new value is its
     default is not a change: it was added to the trainer after that run, and a new key's
-    default keeps what the trainer did before (e.g. optim.ref_batch, model.sync_bn)."""
+    default keeps what the trainer did before (e.g. optim.ref_batch, model.sync_bn); nor is a
+    list's content digest that a record written before digests existed lacks."""
     missing = "(not set)"
     return {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new))
             if old.get(k, missing) != new.get(k, missing)
-            and not (k not in old and new[k] == _default_of(k))}
+            and not (k not in old and (new[k] == _default_of(k)
+                                       or k.endswith(f"_list {CONTENT}")))}
 
 
 def _has_run(run_dir: str) -> bool:
