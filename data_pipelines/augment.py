@@ -12,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from configspec import F, Registry
 
-from .samplers import mix_seeds
+from .batch_aug import BatchAugment, rrc_params, small_crop_params, view_seeds
 
 # name -> (mean, std), on images scaled to [0, 1].
 DEFAULT_STATS = {
@@ -50,7 +51,6 @@ EVAL_RESIZE = 256 / 224      # eval: shorter side to size * 256/224, then center
 # RandomGrayscale p=0.2 -> GaussianBlur(sigma 0.1-2) p=0.5 -> flip -> normalize.
 MOCO = {"scale": (0.2, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "gray_p": 0.2,
         "blur_sigma": (0.1, 2.0), "blur_p": 0.5}
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale
 
 
 def moco_blur_kernel(size: int) -> int:
@@ -89,6 +89,19 @@ class AugmentSpec:
     @property
     def flip(self) -> bool:
         return self.train and self.kind in ("small", "imagenet", "moco")
+
+    @property
+    def flip_p(self) -> float:
+        return FLIP_P
+
+    @property
+    def moco(self) -> dict:
+        """MoCo v2 aug+'s parameters (batch_aug.py reads them from here)."""
+        return MOCO
+
+    @property
+    def blur_kernel(self) -> int:
+        return moco_blur_kernel(self.size)
 
     @property
     def colour(self) -> bool:
@@ -154,14 +167,8 @@ class SmallImageTransform:
         self.inv_std = 1 / (torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255)
 
     def crop_params(self, seed: int, height: int, width: int) -> tuple[int, int, bool]:
-        """(top, left, flip) in padded coordinates, from 64 well-mixed bits of the seed."""
-        h = mix_seeds(seed)
-        span_y = height + 2 * self.pad - self.size + 1
-        span_x = width + 2 * self.pad - self.size + 1
-        if span_y < 1 or span_x < 1:
-            raise ValueError(f"small augmentation: image {height}x{width} is smaller than "
-                             f"data.image_size={self.size} even after padding")
-        return h % span_y, (h >> 20) % span_x, bool((h >> 40) & 1)
+        """(top, left, flip) in padded coordinates (batch_aug.small_crop_params)."""
+        return small_crop_params(seed, height, width, self.size, self.pad)
 
     def __call__(self, img, seed: int | None = None) -> torch.Tensor:
         x = img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img)
@@ -213,7 +220,7 @@ def _imagenet(train, image_size, mean, std, in_channels):
 def _moco(train, image_size, mean, std, in_channels):
     """Two aug+ views for training; evaluation as "small" up to 64 px, else as "imagenet"."""
     if train:
-        return TwoViews(moco_v2_ops(image_size, in_channels) + _normalize(mean, std))
+        return MocoViews(image_size, mean, std, in_channels)
     fn = _small if image_size <= 64 else _imagenet
     return fn(False, image_size, mean, std, in_channels)
 
@@ -249,31 +256,29 @@ def _normalize(mean, std) -> list:
             v2.Normalize(mean=list(map(float, mean)), std=list(map(float, std)))]
 
 
-def moco_v2_ops(image_size: int, in_channels: int) -> list:
-    """MoCo v2's "aug+": crop scale (0.2, 1), colour jitter p=0.8, grayscale p=0.2, Gaussian
-    blur (sigma 0.1-2) p=0.5, flip. On 1-channel images saturation, hue and grayscale have no
-    meaning and are left out; the blur kernel is ~10% of the image side (23 px at 224)."""
-    b, c, sat, hue = MOCO["jitter"]
-    if in_channels == 3:
-        jitter = v2.ColorJitter(b, c, sat, hue)
-        gray = [v2.RandomGrayscale(p=MOCO["gray_p"])]
-    else:
-        jitter, gray = v2.ColorJitter(b, c), []
-    return [v2.ToImage(), MatchChannels(in_channels),
-            v2.RandomResizedCrop(image_size, scale=MOCO["scale"], ratio=RRC_RATIO,
-                                 antialias=True),
-            v2.RandomApply([jitter], p=MOCO["jitter_p"]), *gray,
-            v2.RandomApply([v2.GaussianBlur(moco_blur_kernel(image_size),
-                                            sigma=MOCO["blur_sigma"])], p=MOCO["blur_p"]),
-            v2.RandomHorizontalFlip()]
+class MocoViews:
+    """MoCo v2's two aug+ views of one image, [2, C, H, W] (a batch is [B, 2, C, H, W]).
 
+    The random resized crop is torchvision's algorithm with draws from the sample's seed
+    (batch_aug.rrc_params); flip, colour jitter, grayscale, blur and normalisation are
+    batch_aug.py's shared stage, the one DALI and FFCV use too. On 1-channel images
+    saturation, hue and grayscale have no meaning and are left out.
+    """
+    takes_seed = True
 
-class TwoViews:
-    """Two independent augmentations of one image, stacked as [2, C, H, W] (MoCo's query and
-    key views); a batch is then [B, 2, C, H, W]."""
+    def __init__(self, image_size: int, mean, std, in_channels: int):
+        self.spec = AugmentSpec("moco", True, int(image_size), tuple(map(float, mean)),
+                                tuple(map(float, std)), int(in_channels))
+        self.stage = BatchAugment(self.spec, flip=True)
 
-    def __init__(self, ops: list):
-        self.transform = v2.Compose(ops)
-
-    def __call__(self, img) -> torch.Tensor:
-        return torch.stack([self.transform(img).as_subclass(torch.Tensor) for _ in range(2)])
+    def __call__(self, img, seed: int | None = None) -> torch.Tensor:
+        x = img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img)
+        x = x.as_subclass(torch.Tensor)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        s, views = self.spec.size, []
+        for v in range(2):
+            i, j, h, w = rrc_params(int(view_seeds([seed], v)[0]), x.shape[-2], x.shape[-1],
+                                    MOCO["scale"], RRC_RATIO)
+            views.append(TF.resized_crop(x, i, j, h, w, [s, s], antialias=True))
+        return self.stage(torch.stack(views)[None], np.array([seed]))[0]

@@ -8,10 +8,12 @@ file, several times faster than PIL + torchvision on a few CPU cores.
 - Order: a custom TraversalOrder hands FFCV ``our sampler``'s indices for the current
   (epoch, start_batch, rank), so class-aware / cb / sqrt sampling and DDP sharding are the
   torchvision ones. FFCV's own shuffling and `distributed` flag are not used.
-- Augmentation: FFCV's random-resized-crop / center-crop decoders, plus ffcv_ops.py's
-  operations for what FFCV lacks. On a GPU machine the pipeline stops at uint8 and the batch
-  is normalized on the GPU (4x less to copy, no CPU time). FFCV's random draws are not seeded
-  per sample, so mid-epoch resume repeats the order but not the pixels.
+- Augmentation: FFCV's random-resized-crop / center-crop decoders and ffcv_ops.py's numba
+  normalisation; the flip, the "small" pad-crop and MoCo's colour and blur run after FFCV in
+  batch_aug.py's shared stage, drawn from our per-sample seeds (the "small" recipe is then
+  pixel for pixel the torchvision backend's). On a GPU machine the pipeline stops at uint8 and
+  the stage runs on the GPU (4x less to copy, no CPU time). Only the random-resized-crop
+  window is FFCV's own draw (not seeded per sample).
 - Batches are views of FFCV's ring buffers, which are reused across epochs: valid until the
   next batch or two are taken (clone to keep them); the engine uses each batch before asking
   for the next.
@@ -36,10 +38,12 @@ from ffcv.transforms import ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
 from .augment import MOCO, RRC_RATIO, RRC_SCALE, AugmentSpec
+from .batch_aug import BatchAugment, flip_rows
 from .ffcv_beton import (beton_path_for, dataset_fingerprint, ensure_beton,  # noqa: F401
                          read_sidecar, sidecar_path, write_beton)
-from .ffcv_ops import CenterCrop, MocoColor, NormalizeCHW, PadCropFlip, RandomFlip
+from .ffcv_ops import CenterCrop, NormalizeCHW
 from .flat import flatten_source, note_skips
+from .samplers import sample_seeds
 from .sources import DataError
 
 log = logging.getLogger("data_pipelines.ffcv")
@@ -93,10 +97,14 @@ def _reuse_buffers(loader) -> None:
     graph.allocate_memory = cached
 
 
-def sampler_indices(sampler) -> np.ndarray:
-    """The sampler's current epoch share as FFCV wants it (uint64 item indices)."""
-    idx = [k[0] if isinstance(k, tuple) else k for k in iter(sampler)]
-    return np.asarray(idx, dtype=np.uint64)
+def sampler_keys(sampler) -> tuple:
+    """The sampler's current epoch share: (uint64 item indices as FFCV wants them, int64
+    per-sample seeds or None when the sampler gives none)."""
+    keys = list(iter(sampler))
+    idx = np.asarray([k[0] if isinstance(k, tuple) else k for k in keys], dtype=np.uint64)
+    if keys and isinstance(keys[0], tuple):
+        return idx, np.asarray([k[1] for k in keys], dtype=np.int64)
+    return idx, None
 
 
 class FfcvLoader:
@@ -130,7 +138,13 @@ class FfcvLoader:
         self.stored_channels = int(meta.get("channels", 3))
         self.device = torch.device(device) if device is not None else None
         self.on_device = self.device is not None
-        self._constants = {}   # device -> normalisation tensors (_device_constants)
+        # After FFCV: the seeded parts of the recipe FFCV cannot seed (flip, "small" crop,
+        # MoCo's colour and blur) and, for uint8 batches, the normalisation: batch_aug.py's
+        # shared stage, on the training device when there is one.
+        self.uint8_out = self.on_device or (spec.train and spec.kind in ("small", "moco"))
+        self.stage = BatchAugment(spec, flip=True, crop=True, gray_rgb=self.stored_channels == 1)
+        self._constants = self.stage._constants   # device -> normalisation tensors
+        self.seed, self.epochs_seen = int(seed), 0
         key = (os.path.abspath(path), os.path.getmtime(path), spec, int(batch_size),
                max(1, int(threads)), int(batches_ahead), self.on_device)
         if key not in _COMPILED:
@@ -155,18 +169,17 @@ class FfcvLoader:
     def _pipelines(self, width: int, height: int) -> dict:
         s = self.spec
 
-        def finish(flip: bool) -> list:
-            """Normalize to float32 NCHW here (CPU training), or hand over uint8 HWC for the
-            wrapper to normalize on the GPU (4x less to copy, no CPU time)."""
-            if self.on_device:
-                return ([RandomFlip()] if flip else []) + [ToTensor()]
-            return [NormalizeCHW(s.mean, s.std, s.channels, self.stored_channels, flip=flip),
-                    ToTensor()]
+        def finish(flip: bool = False) -> list:
+            """Normalize to float32 NCHW here (CPU), or hand over uint8 HWC to the shared
+            stage (on the GPU: 4x less to copy, no CPU time). Flips are the stage's (seeded)."""
+            if self.uint8_out:
+                return [ToTensor()]
+            return [NormalizeCHW(s.mean, s.std, s.channels, self.stored_channels), ToTensor()]
 
         off = {"label": None, "ok": None}
         if s.kind == "small":
             if s.train:
-                ops = [SimpleRGBImageDecoder(), PadCropFlip(s.size, s.pad)]
+                ops = [SimpleRGBImageDecoder()]     # the seeded crop: in the shared stage
             elif (width, height) == (s.size, s.size):
                 ops = [SimpleRGBImageDecoder()]
             elif width >= s.size and height >= s.size:
@@ -186,37 +199,25 @@ class FfcvLoader:
 
         def view():
             dec = RandomResizedCropRGBImageDecoder((s.size, s.size), MOCO["scale"], RRC_RATIO)
-            return PipelineSpec("image", decoder=dec, transforms=[MocoColor(s.size)] + finish(True))
+            return PipelineSpec("image", decoder=dec, transforms=finish())
 
         return {**off, "image": None, "view0": view(), "view1": view()}
 
-    def _normalize_on_device(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> normalized float32 contiguous [B, C, H, W] on the device.
+    def _finish(self, views: list, seeds) -> torch.Tensor:
+        """FFCV's outputs (one per view) -> the batch: uint8 HWC through the shared stage, or
+        float32 NCHW (normalised by FFCV) with the seeded flip.
 
-        The copy is blocking on purpose: x lives in FFCV's pinned ring buffer, whose slot FFCV's
-        thread refills as soon as we hand the batch on, so an asynchronous copy could read the
-        next batch's bytes. It waits for the copy only, not for queued GPU work."""
-        x = x.to(self.device, non_blocking=False).permute(0, 3, 1, 2).float()
-        gray, mean, std = self._device_constants(x.device)
-        if gray is not None:
-            x = (x * gray).sum(1, keepdim=True)
-        elif self.spec.channels == 1:
-            x = x[:, :1]
-        return ((x - mean) / std).contiguous()
-
-    def _device_constants(self, device: torch.device):
-        """(gray weights or None, mean x 255, std x 255) on `device`, built once per device
-        rather than for every view of every batch."""
-        cache = self._constants
-        if device not in cache:
-            s = self.spec
-            gray = None
-            if s.channels == 1 and self.stored_channels != 1:
-                gray = torch.tensor([0.2989, 0.587, 0.114], device=device).view(1, 3, 1, 1)
-            mean = torch.tensor(s.mean, device=device).view(1, -1, 1, 1) * 255
-            std = torch.tensor(s.std, device=device).view(1, -1, 1, 1) * 255
-            cache[device] = (gray, mean, std)
-        return cache[device]
+        A copy to the device blocks on purpose: the batch lives in FFCV's pinned ring buffer,
+        whose slot FFCV's thread refills as soon as we hand the batch on, so an asynchronous
+        copy could read the next batch's bytes. It waits for the copy only, not for queued
+        GPU work."""
+        if not self.uint8_out:
+            x = views[0]
+            return flip_rows(x, seeds, self.spec.flip_p) if self.spec.flip else x
+        if self.on_device:
+            views = [v.to(self.device, non_blocking=False) for v in views]
+        x = torch.stack([v.permute(0, 3, 1, 2) for v in views], 1)
+        return self.stage(x[:, 0] if len(views) == 1 else x, seeds)
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size + (len(self.sampler) % self.batch_size > 0)
@@ -247,7 +248,10 @@ class FfcvLoader:
             active.close()
         self.close()
         self.loader._active_owner = self
-        order = sampler_indices(self.sampler)
+        order, seeds = sampler_keys(self.sampler)
+        if seeds is None and self.spec.train:      # a sampler without seeds: our own
+            seeds = sample_seeds(self.seed, self.epochs_seen, np.arange(len(order)))
+        self.epochs_seen += 1
         self.loader.traversal_order.order = order
         self.loader.first_traversal_order = order  # FFCV sizes the epoch from this
         if len(order) == 0:
@@ -258,9 +262,7 @@ class FfcvLoader:
             for b, out in enumerate(it):
                 chunk = order[b * bs:(b + 1) * bs]
                 y = self.labels[torch.from_numpy(chunk.astype(np.int64))]
-                if self.on_device:
-                    out = [self._normalize_on_device(v) for v in out]
-                x = out[0] if len(out) == 1 else torch.stack(out, dim=1)
+                x = self._finish(list(out), None if seeds is None else seeds[b * bs:(b + 1) * bs])
                 if self.bad:
                     keep = ~np.isin(chunk, np.fromiter(self.bad, np.uint64))
                     if not keep.all():
