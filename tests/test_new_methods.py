@@ -259,3 +259,111 @@ def test_timm_backbone_with_our_heads_loads_a_local_timm_file_and_exports(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(back(x), model(x))
         torch.testing.assert_close(src(x), model(x))
+
+
+# ------------------------------------------------- per-class / per-image, last / best epoch
+
+def _evaluation(true, pred, counts):
+    from trainer.metrics import evaluate_predictions
+    return evaluate_predictions(pred, true, len(counts), counts, many=100, few=20)
+
+
+def test_per_class_and_per_image_accuracy_by_hand():
+    """Train counts [200, 50, 5]: one class per shot. Evaluated: class 0 (many) 4 images, 3
+    right; class 1 (medium) 1 image, right; class 2 (few) 2 images, 0 right. Per image 4/7;
+    per class (75 + 100 + 0) / 3; a shot with one class is the same both ways."""
+    from trainer.results import accuracy_report
+    m = _evaluation([0, 0, 0, 0, 1, 2, 2], [0, 0, 0, 1, 1, 0, 1], [200, 50, 5])
+    r = accuracy_report(m, [200, 50, 5])
+    assert r["per_image"]["all"] == pytest.approx(400 / 7)
+    assert r["per_class"]["all"] == pytest.approx(175 / 3)
+    assert (r["per_class"]["many"], r["per_class"]["medium"], r["per_class"]["few"]) == \
+        pytest.approx((75, 100, 0))
+    assert r["per_image"]["many"] == pytest.approx(75)
+    assert r["shot_thresholds"] == {"many": "> 100 training images",
+                                    "medium": "20-100 training images",
+                                    "few": "< 20 training images"}
+    assert r["shot_classes"] == {"many": 1, "medium": 1, "few": 1} and r["images"] == 7
+    # two many-shot classes: per class averages their accuracies, per image pools the images
+    m = _evaluation([0, 0, 0, 0, 1], [0, 0, 0, 1, 0], [200, 300, 5])
+    r = accuracy_report(m, [200, 300, 5])
+    assert r["per_class"]["many"] == pytest.approx(37.5)
+    assert r["per_image"]["many"] == pytest.approx(60.0)
+    assert r["per_image"]["few"] is None and r["per_class"]["few"] is None
+
+
+def test_results_report_test_at_the_last_and_at_the_best_val_epoch():
+    from trainer.protocol import EpochSelection
+    counts = [200, 50, 5]
+    cfg = load_config(CE, ["data.val_per_class=5"])
+    sel = EpochSelection(cfg, counts)
+    assert sel.split == "val" and sel.note is None
+    good, bad = _evaluation([0, 1, 2], [0, 1, 2], counts), _evaluation([0, 1, 2], [0, 0, 0], counts)
+    sel.record(10, good, val=good)          # best on val at epoch 10
+    sel.record(20, bad, val=bad)
+    sel.record(30, bad, val=good)           # equal val: the earliest stays
+    out = sel.results(30, bad)
+    last, best = out["test_last_epoch"], out["test_best_val_epoch"]
+    assert last["label"] == "test at the last epoch (30)" and last["per_class"]["all"] == \
+        pytest.approx(100 / 3)
+    assert best["epoch"] == 10 and best["per_class"]["all"] == 100.0
+    assert best["label"] == ("test at the best-validation epoch (10, chosen on 'val' balanced "
+                             "accuracy)")
+    again = EpochSelection(cfg, counts)     # resumed: the state carries the choice
+    again.load_state_dict(sel.state_dict())
+    assert again.results(30, bad) == out
+    # no validation split: only the last epoch, and the reason
+    plain = EpochSelection(load_config(CE), counts)
+    plain.record(10, good, val=None)
+    best = plain.results(10, good)["test_best_val_epoch"]
+    assert "not selected" in best["label"] and "no validation split" in best["why"]
+    with pytest.raises(ConfigError, match=r"eval\.best_on = 'test'"):
+        load_config(CE, ["eval.best_on=test"])
+
+
+def test_inat_best_epoch_on_its_only_held_out_split_is_said():
+    from trainer.protocol import EpochSelection
+    cfg = load_config(CE, LIST + ["data.val_list=v", "data.test_list=null", "eval.split=val"])
+    sel = EpochSelection(cfg, [200, 50, 5])
+    m = _evaluation([0, 1, 2], [0, 1, 2], [200, 50, 5])
+    sel.record(5, m, val=m)
+    best = sel.results(5, m)["val_best_val_epoch"]
+    assert "no validation split apart from it" in best["note"]
+
+
+# ------------------------------------------------------------------------ weight balancing
+
+def test_max_norm_radius_and_projection_by_hand():
+    """Class norms 5, 1 and 0.5 (rows [3, 4], [0.6, 0.8], [0, 0.5]): threshold 0.1 gives the
+    radius 0.5 + 0.1 x 4.5 = 0.95; projected, row 0 becomes [0.57, 0.76] (norm 0.95), row 1
+    [0.57, 0.76] too (norm 1 > 0.95), row 2 is inside and stays."""
+    from trainer.methods.weight_balancing import max_norm_radius, project_max_norm
+    w = torch.tensor([[3.0, 4.0], [0.6, 0.8], [0.0, 0.5]])
+    r = max_norm_radius(w, 0.1)
+    assert r == pytest.approx(0.95)
+    project_max_norm(w, r)
+    assert torch.allclose(w, torch.tensor([[0.57, 0.76], [0.57, 0.76], [0.0, 0.5]]), atol=1e-5)
+
+
+def test_weight_balancing_projects_after_every_step_and_weighs_by_class(tmp_path):
+    from trainer.losses import class_balanced_weights
+    from trainer.methods import create_method
+    from trainer.models import create_model
+    init = tmp_path / "init.pt"
+    model = create_model("mlp", 3, in_channels=1, image_size=28)
+    with torch.no_grad():
+        model.head.fc.weight.mul_(torch.tensor([[10.0], [1.0], [0.1]]))
+    torch.save(model.state_dict(), init)
+    cfg = load_config(CE, ["method.name=weight_balancing", f"model.init={init}", "model.name=mlp",
+                           "model.init_head=true", "max_norm.threshold=0.2"])
+    data = types.SimpleNamespace(class_counts=[50, 10, 2], num_classes=3, in_channels=1)
+    method = create_method(cfg, data, torch.device("cpu"))
+    norms = model.head.fc.weight.detach().norm(dim=1)
+    assert method.radius == pytest.approx(float(norms.min() + 0.2 * (norms.max() - norms.min())),
+                                          rel=1e-6)
+    assert torch.allclose(method.loss.class_weights, class_balanced_weights([50, 10, 2]))
+    method.on_step_end(method.model.head, ctx=None)
+    after = method.model.head.fc.weight.norm(dim=1)
+    assert after.max() <= method.radius * (1 + 1e-6)
+    assert torch.isclose(after[2], norms[2])        # the small class is inside the ball
+    assert not any(p.requires_grad for p in method.model.backbone.parameters())

@@ -8,7 +8,10 @@ both -- and then every place that reports the choice says so.
 """
 from __future__ import annotations
 
+from configspec import F, Part
 from data_pipelines.build import SOURCES, split_problem
+
+from .results import accuracy_report
 
 
 def has_separate_val(cfg) -> bool:
@@ -51,3 +54,66 @@ def check_selection(cfg, fail, key: str, split: str) -> None:
     problem = selection_problem(cfg, key, split)
     if problem:
         fail(key, problem)
+
+
+# The epoch: results.json reports the reported split (eval.split) at the last epoch and at
+# the epoch whose validation accuracy was best, each labelled; the run keeps the last weights.
+CONFIG = Part({"eval": {"best_on": F(
+    "str", "val", "val", "none",
+    help="split whose balanced accuracy picks the epoch reported beside the last one, "
+         "evaluated at every evaluation ('none': the last epoch only; never test)")}},
+    owner=__name__)
+
+
+def best_epoch_split(cfg) -> tuple[str | None, str | None]:
+    """(the split that picks the best epoch or None, why none / a note on sharing a split)."""
+    if cfg.eval.best_on == "none":
+        return None, "eval.best_on = 'none'"
+    if split_problem(cfg, "val"):
+        return None, (f"no validation split ({split_problem(cfg, 'val')}); the last epoch is "
+                      f"the only one reported")
+    return "val", selection_note(cfg, "val")
+
+
+class EpochSelection:
+    """What results.json says about epochs: the reported split at the last evaluation and at
+    the one with the best validation balanced accuracy (the earliest of equals). Its state
+    goes into the checkpoint, so a resumed run picks what an uninterrupted one would."""
+
+    def __init__(self, cfg, class_counts):
+        self.cfg, self.class_counts = cfg, list(class_counts)
+        self.split, self.note = best_epoch_split(cfg)
+        self.best: dict | None = None
+
+    def report(self, m: dict) -> dict:
+        return accuracy_report(m, self.class_counts, self.cfg.eval.many, self.cfg.eval.few)
+
+    def record(self, epoch: int, reported: dict, val: dict | None) -> None:
+        """After an evaluation at `epoch`: `reported` on eval.split, `val` on self.split."""
+        if val is None:
+            return
+        score = float(val["balanced_top1"])
+        if self.best is None or score > self.best["val_balanced_top1"]:
+            self.best = {"epoch": int(epoch), "val_balanced_top1": score,
+                         **self.report(reported)}
+
+    def results(self, epoch: int, reported: dict) -> dict:
+        """The labelled entries of results.json for the final evaluation `reported`."""
+        split = self.cfg.eval.split
+        last = {"label": f"{split} at the last epoch ({epoch})", "epoch": int(epoch),
+                **self.report(reported)}
+        if self.split is None or self.best is None:
+            best = {"label": f"{split} at the best-validation epoch: not selected", "why":
+                    self.note or "no evaluation on the validation split ran"}
+        else:
+            best = {"label": f"{split} at the best-validation epoch ({self.best['epoch']}, "
+                             f"chosen on '{self.split}' balanced accuracy)", **self.best}
+            if self.note:
+                best["note"] = self.note
+        return {f"{split}_last_epoch": last, f"{split}_best_val_epoch": best}
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state.get("best")

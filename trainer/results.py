@@ -16,7 +16,10 @@ import numpy as np
 
 from .checkpoint import atomic_write, disk_errors
 from .metrics import shot_split
-from .run_folder import PER_CLASS, RESULTS
+
+# Its files in a run folder (trainer/run_folder.py imports the names from here).
+RESULTS = "results.json"
+PER_CLASS = "results_per_class.npz"
 
 TOP_CONFUSED = 20
 # Entries of an evaluation that hold one value per class (or the confusion): kept out of the JSON.
@@ -32,6 +35,32 @@ def class_count_summary(counts, many: int = 100, few: int = 20) -> dict:
             "median": float(np.median(c)) if c.size else 0.0,
             "max": int(c.max()) if c.size else 0,
             **{f"{k}_classes": len(v) for k, v in shots.items()}}
+
+
+def accuracy_report(m: dict, class_counts, many: int = 100, few: int = 20) -> dict:
+    """Per-class (the mean of class accuracies: balanced) and per-image (hits / images)
+    accuracy, overall and by shot, the thresholds and class counts of each shot beside them.
+    They differ when the evaluated split is not balanced (e.g. a long-tailed val split), and
+    papers report either, so both are written, each named. From an evaluation's sparse
+    confusion counts (metrics_from_confusion), in %."""
+    t, p, n = (np.asarray(m["confusion"][k], dtype=np.int64) for k in ("true", "pred", "count"))
+    c = len(class_counts)
+    total = np.bincount(t, weights=n, minlength=c)
+    hits = np.bincount(t[t == p], weights=n[t == p], minlength=c)
+    shots = shot_split(list(class_counts), many=many, few=few)
+
+    def per_image(ids):
+        seen = float(total[ids].sum())
+        return 100.0 * float(hits[ids].sum()) / seen if seen else None
+
+    return {"per_class": {"all": m["balanced_top1"], **{k: m[k] for k in shots}},
+            "per_image": {"all": per_image(np.arange(c)), **{k: per_image(ids)
+                                                             for k, ids in shots.items()}},
+            "shot_thresholds": {"many": f"> {many} training images",
+                                "medium": f"{few}-{many} training images",
+                                "few": f"< {few} training images"},
+            "shot_classes": {k: len(ids) for k, ids in shots.items()},
+            "images": int(total.sum())}
 
 
 def describe_class_counts(counts, many: int = 100, few: int = 20) -> str:
