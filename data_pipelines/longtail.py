@@ -20,6 +20,14 @@ PROFILES = ("exp", "step", "none")
 # SVHN-LT in the reference rotates the class order so digit 0 (the rarest in SVHN) is last.
 SVHN_CLASS_ORDER = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
 SVHN_N_MAX = 1000
+# n_max that data.n_max: null means per source, where the reference fixes one (its
+# imbalance_svhn.py keeps 1,000 per head class); other sources: len(train) / C.
+REFERENCE_N_MAX = {"svhn": SVHN_N_MAX}
+
+
+def n_max_for(source_name: str, n_max: Optional[float]) -> Optional[float]:
+    """data.n_max, or the reference's for this source when unset (None: len(train) / C)."""
+    return REFERENCE_N_MAX.get(source_name) if n_max is None else n_max
 
 
 def lt_counts(num_classes: int, n_max: float, rho: float, profile: str = "exp") -> list[int]:
@@ -107,6 +115,7 @@ def _check_smallest_class(cfg, fail):
 CONFIG = Part({"data": {
     "imbalance": F("str", "exp", *PROFILES),
     "rho": F("float", 100.0, ge=1, help="n_max / n_min"),
-    "n_max": F("int", None, nullable=True, ge=1, help="null = len(train) / C"),
+    "n_max": F("int", None, nullable=True, ge=1,
+               help="null = the reference's for the source (SVHN: 1000), else len(train) / C"),
     "lt_seed": F("int", 0, ge=0),
 }}, _check_smallest_class, owner=__name__)

@@ -20,8 +20,8 @@ import os
 import sys
 
 
-from data_pipelines.longtail import (PROFILES, SVHN_CLASS_ORDER, SVHN_N_MAX,  # noqa: E402
-                                     class_counts, lt_counts, lt_indices)
+from data_pipelines.longtail import (PROFILES, SVHN_CLASS_ORDER,  # noqa: E402
+                                     class_counts, lt_counts, lt_indices, n_max_for)
 from data_pipelines.sources import (SOURCE_KINDS, DataError,  # noqa: E402
                                     FileSource, open_source)
 
@@ -58,9 +58,9 @@ def main(argv=None) -> int:
         src = open_source(args.source, args.root, args.split,
                           args.list_file if args.source == "list" else None)
         class_order = SVHN_CLASS_ORDER if args.source == "svhn" else None
-        n_max = args.n_max
+        n_max = n_max_for(args.source, args.n_max)   # SVHN: the reference's 1,000
         if n_max is None:
-            n_max = SVHN_N_MAX if args.source == "svhn" else len(src) / src.num_classes
+            n_max = len(src) / src.num_classes
         counts = lt_counts(src.num_classes, n_max, args.rho, args.profile)
         idx = lt_indices(src.labels, counts, args.seed, class_order)
     except DataError as exc:

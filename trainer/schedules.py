@@ -15,14 +15,26 @@ from configspec import F, Registry
 def lr_factor(sched, base_lr: float, epoch: int, step: int, steps_per_epoch: int) -> float:
     """Multiplier of the base lr for `step` (0-based) of `epoch`.
 
-    Linear warm-up over `warmup_epochs` (per step, reaching 1 at the end of warm-up), then the
-    schedule `sched.name` at progress t (in epochs).
+    Linear warm-up over `warmup_epochs` (see warmup_factor), then the schedule `sched.name`
+    at progress t (in epochs).
     """
     t = epoch + step / steps_per_epoch            # progress at the start of this step
     warm = sched.warmup_epochs
     if warm > 0 and t < warm:
-        return (t + 1 / steps_per_epoch) / warm
+        return warmup_factor(sched.warmup, warm, epoch, step, steps_per_epoch)
     return SCHEDULES[sched.name](sched, base_lr, t)
+
+
+def warmup_factor(kind: str, warm: float, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The lr multiplier during warm-up.
+
+    per_step: a ramp over every step, reaching 1 at the end of the warm-up (Goyal et al. 2017).
+    per_epoch: constant within an epoch, (epoch + 1) / warm: 0.2, 0.4, ... 1.0 of the base lr
+    over 5 epochs, as LDAM-DRW's adjust_learning_rate (which the paper's CIFAR runs used).
+    """
+    if kind == "per_epoch":
+        return min(epoch + 1, warm) / warm
+    return (epoch + (step + 1) / steps_per_epoch) / warm
 
 
 def _check_warmup(cfg, fail):
@@ -30,12 +42,18 @@ def _check_warmup(cfg, fail):
     if s.warmup_epochs > s.epochs:
         fail("sched.warmup_epochs", f"sched.warmup_epochs ({s.warmup_epochs}) exceeds "
                                     f"sched.epochs ({s.epochs})")
+    if s.warmup == "per_epoch" and s.warmup_epochs != int(s.warmup_epochs):
+        fail("sched.warmup", f"sched.warmup: per_epoch steps the lr once per epoch; expected a "
+                             f"whole number of sched.warmup_epochs, got {s.warmup_epochs:g}")
 
 
 SCHEDULES = Registry("sched.name", default="step", help="lr schedule after the warm-up",
                      check=_check_warmup, config={"sched": {
                          "epochs": F("int", 200, ge=0),
                          "warmup_epochs": F("float", 5.0, ge=0),
+                         "warmup": F("str", "per_step", "per_step", "per_epoch",
+                                     help="linear warm-up per step, or per epoch as LDAM-DRW's "
+                                          "code (docs/fidelity.md)"),
                      }})
 
 
@@ -69,7 +87,7 @@ SCHEDULES.add("constant", lambda sched, base_lr, t: 1.0)
 @dataclass
 class EpochRule:
     """What a train rule asks for in one epoch."""
-    sampler: str              # uniform | cb | class_aware | sqrt
+    sampler: str              # uniform | cb | class_aware | class_aware_cyclic | sqrt
     reweight: bool            # use class-balanced loss weights
 
 
@@ -90,9 +108,11 @@ TRAIN_RULES = Registry("train_rule.name", default="none", help="re-balancing rul
                            "start_epoch": F("int", 160, ge=0,
                                             help="epoch at which DRW / DRS switch on"),
                            "cb_beta": F("float", 0.9999, ge=0, lt=1),
-                           "sampler": F("str", "cb", "cb", "class_aware", "sqrt",
+                           "sampler": F("str", "cb", "cb", "class_aware", "class_aware_cyclic",
+                                        "sqrt",
                                         help="how resample / drs draw: CB weights, class-aware "
-                                             "or square-root"),
+                                             "(i.i.d. or cyclic as classifier-balancing) or "
+                                             "square-root"),
                        }})
 TRAIN_RULES.add("none", lambda late, sampler: EpochRule("uniform", False))
 TRAIN_RULES.add("reweight", lambda late, sampler: EpochRule("uniform", True))

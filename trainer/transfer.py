@@ -1,5 +1,7 @@
 """Start a model from someone else's weights: an earlier stage of ours, the public MoCo
-checkpoints (keys under `module.encoder_q.`), or a plain torchvision ResNet state dict.
+checkpoints (keys under `module.encoder_q.`), a plain torchvision ResNet state dict, or the
+CIFAR ResNets of LDAM-DRW (classifier `linear.*`) and imbalanced-semi-self (`fc.*`), whose
+cosine classifier (NormedLinear) stores its weight as (in, out): renamed and transposed here.
 
 Pre-training only provides the initialization (Section 4 of the paper): heads are dropped unless
 asked for, and a mismatch in architecture is an error that lists the missing and unexpected keys
@@ -18,6 +20,7 @@ from .validation import describe, finite_tensors, first_sentence
 
 MOCO_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.")
 HEAD_KEYS = ("fc.",)  # torchvision's classifier / MoCo's MLP projection
+LDAM_HEAD = "linear."  # LDAM-DRW's models/resnet_cifar.py names its classifier `linear`
 FINAL = "model_final.pt"
 
 
@@ -99,23 +102,49 @@ def split_state_dict(state: dict) -> tuple[dict, dict, str]:
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             fmt = "moco" if "encoder_q" in prefix else "torchvision (DataParallel)"
             break
+    if any(k.startswith(LDAM_HEAD) for k in state):
+        state = {("fc." + k[len(LDAM_HEAD):] if k.startswith(LDAM_HEAD) else k): v
+                 for k, v in state.items()}
+        fmt = "LDAM-DRW"
     backbone = {k: v for k, v in state.items() if not k.startswith(HEAD_KEYS)}
     head = {k: v for k, v in state.items() if k.startswith(HEAD_KEYS)}
     return backbone, head, fmt
+
+
+def reference_head(head: dict, module: torch.nn.Module, fmt: str) -> tuple[dict, str]:
+    """Another code's classifier ('fc.*' keys) as `module`'s state dict, and a note.
+
+    A lone 'fc.weight' (no bias) shaped (in, out) for our cosine head's (out, in) is the
+    reference CIFAR code's NormedLinear: transposed. Where in == out the shape cannot tell,
+    and only LDAM-DRW's layout (its `linear.` keys say which code wrote it) is transposed;
+    our own torchvision export of a cosine head is already (out, in)."""
+    head = {k[len("fc."):] if k.startswith("fc.") else k: v for k, v in head.items()}
+    own = module.state_dict().get("weight")
+    w = head.get("weight")
+    if (set(head) == {"weight"} and own is not None and w.dim() == 2
+            and w.shape == own.shape[::-1] and (w.shape != own.shape or fmt == "LDAM-DRW")):
+        return {"weight": w.t().contiguous()}, ", its NormedLinear (in, out) weight transposed"
+    return {("fc." + k if hasattr(module, "fc") else k): v for k, v in head.items()}, ""
 
 
 def load_pretrained(model, path: str, with_head: bool = False) -> str:
     """Load backbone (and optionally head) weights into a Classifier; returns a log line."""
     path = resolve_path(path)
     backbone, head, fmt = split_state_dict(read_weights(path))
+    named = getattr(model.backbone, "classifier_name", None)    # a timm model's own file
+    if named and fmt != "ours" and any(k.startswith(named + ".") for k in backbone):
+        head = {"fc." + k[len(named) + 1:]: v for k, v in backbone.items()
+                if k.startswith(named + ".")}
+        backbone = {k: v for k, v in backbone.items() if not k.startswith(named + ".")}
+        fmt = "timm"
     _load_strict(model.backbone, backbone, path, "backbone")
     msg = f"initialized the backbone from {path} ({fmt} format, {len(backbone)} tensors)"
     if with_head:
+        note = ""
         if fmt != "ours":  # a torchvision/MoCo 'fc' is a head of another shape or kind
-            head = {k[len("fc."):] if k.startswith("fc.") else k: v for k, v in head.items()}
-            head = {("fc." + k if hasattr(model.head, "fc") else k): v for k, v in head.items()}
+            head, note = reference_head(head, model.head, fmt)
         _load_strict(model.head, head, path, "head")
-        msg += " and the classifier"
+        msg += " and the classifier" + note
     return msg
 
 

@@ -32,7 +32,7 @@ def create_loss(name: str, class_counts: Sequence[int], **kw) -> nn.Module:
     """Build loss `name`; keywords go to its constructor.
 
     ce: class_weights, label_smoothing, reduction. focal: gamma (1.0), class_weights,
-    reduction. ldam: max_m (0.5), s (30), class_weights, reduction. balanced_softmax:
+    reduction, form ('textbook' | 'reference'). ldam: max_m (0.5), s (30), class_weights, reduction. balanced_softmax:
     class_weights, reduction.
     """
     if name not in LOSSES:

@@ -14,11 +14,12 @@ from torch import nn
 
 import configspec as spec
 
-from .heads import (Classifier, CosineHead, LinearHead, ProjectionHead,
+from .heads import (HEAD_INITS, Classifier, CosineHead, LinearHead, ProjectionHead,
                     export_torchvision_state_dict, matmul_fp32)
 from .split_bn import SplitBatchNorm2d, convert_split_bn
 from .resnet import torchvision_resnet
 from .resnet_cifar import CifarResNet, resnet_cifar
+from .timm_backbone import PREFIX as TIMM_PREFIX, check_timm_name, timm_backbone
 
 
 class MLPBackbone(nn.Module):
@@ -73,7 +74,11 @@ BACKBONES = spec.Registry("model.name", default="resnet32", help="backbone", con
     "channels_last": spec.F("bool", False),
     "compile": spec.F("bool", False, help="torch.compile the model"),
 }})
-HEADS = spec.Registry("model.head", default="linear", help="classifier on the pooled features")
+HEADS = spec.Registry("model.head", default="linear", help="classifier on the pooled features",
+                      config={"model": {"head_init": spec.F(
+                          "str", "default", *HEAD_INITS,
+                          help="linear head's init: nn.Linear's, or kaiming_normal as the "
+                               "LDAM-DRW CIFAR ResNets (the cosine head keeps LDAM's own)")}})
 HEADS.add("linear", LinearHead)
 HEADS.add("cosine", CosineHead)
 
@@ -93,6 +98,8 @@ for _depth in (8, 20, 32, 56):
 for _name in TORCHVISION:
     BACKBONES.add(_name, _torchvision(_name), config=SMALL_INPUT)
 BACKBONES.add("mlp", _mlp, check=_no_small_input)
+# timm/<name>: any timm model (trainer/models/timm_backbone.py; timm imported only then)
+BACKBONES.add_family(TIMM_PREFIX, timm_backbone, check=check_timm_name)
 
 
 def create_backbone(name: str, in_channels: int = 3, **kw) -> nn.Module:
@@ -103,17 +110,20 @@ def create_backbone(name: str, in_channels: int = 3, **kw) -> nn.Module:
 
 
 def create_model(
-    name: str, num_classes: int, in_channels: int = 3, head: str = "linear", **kw
+    name: str, num_classes: int, in_channels: int = 3, head: str = "linear",
+    head_init: str = "default", **kw
 ) -> Classifier:
     """Build backbone `name` with a `head` ("linear" or "cosine") for `num_classes` classes.
 
-    Extra keywords go to the backbone builder: `small_input`/`zero_init_residual` for the
-    torchvision ResNets, `image_size`/`hidden_dim` for "mlp". Unknown keywords raise TypeError.
+    `head_init` (model.head_init) initialises a linear head (see LinearHead). Extra keywords
+    go to the backbone builder: `small_input`/`zero_init_residual` for the torchvision
+    ResNets, `image_size`/`hidden_dim` for "mlp". Unknown keywords raise TypeError.
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; valid heads: {', '.join(HEADS)}")
     backbone = create_backbone(name, in_channels=in_channels, **kw)
-    return Classifier(backbone, HEADS[head](backbone.out_dim, num_classes))
+    extra = {"init": head_init} if HEADS[head] is LinearHead else {}
+    return Classifier(backbone, HEADS[head](backbone.out_dim, num_classes, **extra))
 
 
 __all__ = [

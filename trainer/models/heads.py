@@ -19,15 +19,29 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a.float() @ b.float()
 
 
-class LinearHead(nn.Module):
-    """Ordinary linear classifier (weight and bias), stored as `fc` like torchvision."""
+HEAD_INITS = ("default", "kaiming_normal")
 
-    def __init__(self, in_dim: int, num_classes: int):
+
+class LinearHead(nn.Module):
+    """Ordinary linear classifier (weight and bias), stored as `fc` like torchvision.
+
+    init 'default' is nn.Linear's (uniform, std 1/sqrt(3 in_dim)); 'kaiming_normal' draws the
+    weight from N(0, 2/in_dim) and keeps nn.Linear's bias, as the CIFAR ResNets of LDAM-DRW /
+    imbalanced-semi-self do (their _weights_init also reaches the classifier).
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, init: str = "default"):
         super().__init__()
+        if init not in HEAD_INITS:
+            raise ValueError(f"LinearHead: init must be one of {HEAD_INITS}, got {init!r}")
+        self.init = init
         self.fc = nn.Linear(in_dim, num_classes)
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         self.fc.reset_parameters()
+        if self.init == "kaiming_normal":
+            nn.init.kaiming_normal_(self.fc.weight)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)
@@ -103,20 +117,23 @@ def export_torchvision_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Backbone keys lose their "backbone." prefix (conv1.weight, layer1.0.bn1.running_mean,
     ...). A linear head adds `fc.weight` and `fc.bias`, so a torchvision-stem ResNet exports
     into a stock torchvision model with `load_state_dict(..., strict=True)` and the same
-    logits. A cosine head adds only `fc.weight` (its un-normalised class vectors): torchvision
-    has no cosine classifier, so load such a dict with strict=False and treat it as an
-    initialisation; the logits will differ. Tensors share storage with the model (no copy).
+    logits (a timm backbone: under timm's classifier name, so it loads into
+    timm.create_model(name, num_classes=C) the same way). A cosine head adds only
+    `fc.weight` (its un-normalised class vectors): torchvision has no cosine classifier, so
+    load such a dict with strict=False and treat it as an initialisation; the logits will
+    differ. Tensors share storage with the model (no copy).
     """
     model = _unwrap(model)
     if not isinstance(model, Classifier):
         raise TypeError(f"expected a Classifier, got {type(model).__name__}")
     out = dict(model.backbone.state_dict())
     head = model.head
+    fc = getattr(model.backbone, "classifier_name", "fc")   # a timm backbone: timm's name
     if isinstance(head, LinearHead):
-        out["fc.weight"] = head.fc.weight.detach()
-        out["fc.bias"] = head.fc.bias.detach()
+        out[f"{fc}.weight"] = head.fc.weight.detach()
+        out[f"{fc}.bias"] = head.fc.bias.detach()
     elif isinstance(head, CosineHead):
-        out["fc.weight"] = head.weight.detach()
+        out[f"{fc}.weight"] = head.weight.detach()
     elif isinstance(head, ProjectionHead):   # MoCo's MLP, as fc.0 / fc.2 like MoCo's files
         out.update({k: v.detach() for k, v in head.state_dict().items()})
     else:
