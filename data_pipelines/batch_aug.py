@@ -26,7 +26,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def uniforms(seeds, count: int) -> np.ndarray:
-    """``count`` independent U[0, 1) draws per seed (splitmix64): float64 ``[len(seeds), count]``."""
+    """``count`` independent U[0, 1) draws per seed (splitmix64): ``[len(seeds), count]``."""
     with np.errstate(over="ignore"):
         z = np.asarray(seeds, dtype=np.int64).astype(np.uint64)[:, None] + \
             _GOLDEN * np.arange(1, count + 1, dtype=np.uint64)[None, :]

@@ -20,12 +20,12 @@ operators run in a native thread pool, and for the train crop it decodes only th
   data.on_bad_image=skip, dropped from its batch and counted). If DALI's decoder still fails,
   the images of the recent batches are checked with PIL and the error names the culprit; in
   skip mode the pipeline is rebuilt without it and the epoch continues at the same batch.
-- Augmentation: the same recipes with DALI operators (see `_graph`); the random draws are
-  DALI's own (seeded per rank), so a resumed epoch repeats the order but not the pixels.
-  MoCo's color jitter differs in two details: the order of its four parts is fixed, and the
-  hue jitter is DALI's rotation in YIQ space (by up to the same +-36 degrees) rather than a
-  shift in HSV; brightness, contrast (around each image's mean gray) and saturation (a blend
-  with the luma image) are torchvision's.
+- Augmentation: the same recipes with DALI operators (see `_graph`). Flips and the "small"
+  crop are drawn from our per-sample seeds by the feeder (the "small" recipe is then pixel for
+  pixel the torchvision backend's); MoCo's crop is DALI's, its colour jitter, grayscale, blur
+  and flip run after DALI in batch_aug.py's shared stage (on the GPU with a GPU pipeline),
+  seeded per sample too. Only the random-resized-crop windows are DALI's own draws (seeded per
+  rank), so a resumed epoch repeats the order, and every pixel but those windows.
 
 This is the only module that imports nvidia.dali (loaders.py imports it on demand).
 """
@@ -36,13 +36,14 @@ import logging
 import weakref
 
 import numpy as np
-from nvidia.dali import fn, math as dmath, types
+from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .augment import MOCO, RRC_RATIO, RRC_SCALE, AugmentSpec, moco_blur_kernel
+from .augment import MOCO, RRC_RATIO, RRC_SCALE, AugmentSpec
+from .batch_aug import BatchAugment, small_crop_params, uniforms
 from .flat import flatten_source, note_skips
-from .samplers import mix_seeds
+from .samplers import mix_seeds, sample_seeds
 from .sources import DataError
 
 log = logging.getLogger("data_pipelines.dali")
@@ -98,10 +99,11 @@ class _Feeder:
         o = self.owner()
         if o is None:
             return
-        keys = [k[0] if isinstance(k, tuple) else k for k in iter(o.sampler)]
+        keys, seeds = o.epoch_keys()
         start, token = o.resume_from, o.token
         bs = o.batch_size
         batches = [keys[b:b + bs] for b in range(start * bs, len(keys), bs)]
+        seed_batches = iter([seeds[b:b + bs] for b in range(start * bs, len(keys), bs)])
         if o.flat.kind == "array":       # in memory: nothing to wait for
             ahead = ((items, [o.read(i) for i in items]) for items in batches)
         else:   # 8+ reads in flight: 10 ms reads cost ~20 ms per batch of 16, not 160
@@ -111,14 +113,15 @@ class _Feeder:
                 ahead.close()
                 return
             self.recent.append(items)
-            data, labels, index, bad = [], [], [], []
-            for i, (arr, why) in zip(items, read):
+            data, labels, index, good_seeds, bad = [], [], [], [], []
+            for i, seed, (arr, why) in zip(items, next(seed_batches), read):
                 if why is not None:
                     bad.append(f"{o.flat.describe(i)}: {why}")
                     continue
                 data.append(arr)
                 labels.append(o.label_arrays[i])
                 index.append(np.array([i], dtype=np.int64))
+                good_seeds.append(seed)
             if bad:
                 if o.on_bad_image == "fail":
                     raise DataError(f"bad image: {bad[0]}; fix or remove it, or set "
@@ -126,7 +129,7 @@ class _Feeder:
                 note_skips(o, bad)
                 if not data:
                     raise DataError(f"every image of a batch is unreadable (first: {bad[0]})")
-            yield data, labels, index
+            yield (data, labels, index, *o.draws(np.asarray(good_seeds, dtype=np.int64), data))
 
 
 def read_ahead(read, batches, depth: int, threads: int):
@@ -169,6 +172,11 @@ class DaliLoader:
         self.label_arrays = [np.array([v], dtype=np.int64) for v in self.flat.labels.tolist()]
         self.threads, self.device_id, self.on_bad_image = int(threads), device_id, on_bad_image
         self.prefetch, self.seed = int(prefetch), int(seed)
+        self.epochs_seen = 0
+        # The seeded parts DALI cannot draw per sample itself: flips and the "small" crop come
+        # from the feeder (drawn from our per-sample seeds), MoCo's colour, blur and flip run
+        # after DALI in batch_aug.py's shared stage.
+        self.stage = BatchAugment(spec, flip=True) if spec.colour else None
         self.skipped = 0
         self.batch_indices = None   # dataset indices of the batch last yielded
         self.blacklist: dict = {}   # item -> reason, found bad after DALI failed on it
@@ -202,6 +210,44 @@ class DaliLoader:
         why = check_encoded(data, path)
         return (None, why) if why else (data, None)
 
+    def epoch_keys(self):
+        """(items, per-sample seeds) of the sampler's current epoch share; a sampler without
+        seeds gets seeds from (loader seed, epoch, position)."""
+        keys = list(iter(self.sampler))
+        items = [k[0] if isinstance(k, tuple) else k for k in keys]
+        if keys and isinstance(keys[0], tuple):
+            seeds = np.asarray([k[1] for k in keys], dtype=np.int64)
+        else:
+            seeds = sample_seeds(self.seed, self.epochs_seen, np.arange(len(keys)))
+        self.epochs_seen += 1
+        return items, seeds
+
+    @property
+    def draw_kinds(self) -> tuple:
+        """Which seeded per-sample inputs the graph takes (see `draws`)."""
+        s = self.spec
+        if s.colour:
+            return ("seeds",)
+        if s.kind == "small" and s.train:
+            return ("mirror", "start")
+        return ("mirror",) if s.flip else ()
+
+    def draws(self, seeds: np.ndarray, data: list) -> list:
+        """The per-sample inputs that carry our seeds into the graph: seeds (for the shared
+        stage), mirror flags, the "small" crop's corner (in unpadded coordinates)."""
+        s, kinds = self.spec, self.draw_kinds
+        if "start" in kinds:
+            p = [small_crop_params(int(v), a.shape[0], a.shape[1], s.size, s.pad)
+                 for v, a in zip(seeds.tolist(), data)]
+            return [[np.array(f, np.int32) for _, _, f in p],
+                    [np.array([t - s.pad, left - s.pad], np.int32) for t, left, _ in p]]
+        if "mirror" in kinds:
+            flips = (uniforms(seeds, 13)[:, 12] < s.flip_p).tolist() if len(seeds) else []
+            return [[np.array(f, np.int32) for f in flips]]
+        if "seeds" in kinds:
+            return [[np.array([v], np.int64) for v in seeds.tolist()]]
+        return []
+
     # ------------------------------------------------------------------ pipeline
     def _build(self):
         self.feeder = _Feeder(self)
@@ -211,16 +257,20 @@ class DaliLoader:
                         prefetch_queue_depth=self.prefetch)
         with pipe:
             encoded = self.flat.kind == "files"
-            raw, labels, index = fn.external_source(
-                source=self.feeder, num_outputs=3, batch=True, cycle="raise",
-                dtype=[types.UINT8, types.INT64, types.INT64],
-                layout=[None if encoded else "HWC", None, None])
-            images = _graph(self.spec, raw, encoded, self._in_channels(), gpu, self._fixed_size)
-            pipe.set_outputs(images, labels, index)
+            kinds = self.draw_kinds
+            types_of = {"seeds": types.INT64, "mirror": types.INT32, "start": types.INT32}
+            raw, labels, index, *drawn = fn.external_source(
+                source=self.feeder, num_outputs=3 + len(kinds), batch=True, cycle="raise",
+                dtype=[types.UINT8, types.INT64, types.INT64] + [types_of[k] for k in kinds],
+                layout=[None if encoded else "HWC"] + [None] * (2 + len(kinds)))
+            drawn = dict(zip(kinds, drawn))
+            images = _graph(self.spec, raw, encoded, self._in_channels(), gpu, self._fixed_size,
+                            drawn.get("mirror"), drawn.get("start"))
+            pipe.set_outputs(images, labels, index, *([drawn["seeds"]] if "seeds" in drawn else []))
         pipe.build()
         self.pipe = pipe
-        self.it = DALIGenericIterator([pipe], ["images", "labels", "indices"], auto_reset=False,
-                                      prepare_first_batch=False)
+        self.it = DALIGenericIterator([pipe], ["images", "labels", "indices"] + (
+            ["seeds"] if "seeds" in kinds else []), auto_reset=False, prepare_first_batch=False)
         self._state = "fresh"   # fresh | running | ended
 
     def _in_channels(self) -> int:
@@ -280,7 +330,10 @@ class DaliLoader:
                 continue
             delivered += 1
             self.batch_indices = out["indices"].view(-1)   # what the engine orders rows by
-            yield out["images"], out["labels"].view(-1)
+            x = out["images"]
+            if self.stage is not None:   # MoCo: uint8 views -> colour, blur, flip, normalise
+                x = self.stage(x, out["seeds"].view(-1).cpu().numpy())
+            yield x, out["labels"].view(-1)
 
     def _rebuild_after_failure(self):
         """A DALI pipeline that raised cannot be reused; start a new one (same settings)."""
@@ -306,10 +359,6 @@ class DaliLoader:
 
 # ----------------------------------------------------------------------------- graph
 
-def _uniform(lo, hi):
-    return fn.random.uniform(range=[float(lo), float(hi)])
-
-
 def _to_channels(img, have: int, want: int):
     if have == want:
         return img
@@ -329,40 +378,22 @@ def _normalize(img, spec: AugmentSpec, mirror=None, crop=None):
 
 
 def _moco_view(img, spec: AugmentSpec):
-    """RandomResizedCrop(0.2-1) -> ColorJitter(0.4,0.4,0.4,0.1) p=0.8 -> grayscale p=0.2 ->
-    Gaussian blur p=0.5 -> flip -> normalize, as DALI operators. Probabilities become
-    identity parameters (factor 1, saturation kept, sigma ~0) for the samples not drawn; the
-    jitter order is fixed (brightness/contrast, then hue/saturation) instead of random."""
+    """MoCo v2 aug+'s RandomResizedCrop(0.2-1) as uint8 CHW: the colour, blur, flip and
+    normalisation run after DALI in batch_aug.py's shared stage (seeded per sample)."""
     s = spec.size
     v = fn.random_resized_crop(img, size=[s, s], random_area=list(MOCO["scale"]),
                                random_aspect_ratio=list(RRC_RATIO))
-    b, c, sat, hue = MOCO["jitter"]
-    on = fn.cast(fn.random.coin_flip(probability=MOCO["jitter_p"]), dtype=types.FLOAT)
-    bright = 1.0 + on * (_uniform(max(0.0, 1 - b), 1 + b) - 1.0)
-    contrast = 1.0 + on * (_uniform(max(0.0, 1 - c), 1 + c) - 1.0)
-    saturation = 1.0 + on * (_uniform(max(0.0, 1 - sat), 1 + sat) - 1.0)
-    hue_deg = on * _uniform(-hue * 360.0, hue * 360.0)
-    gray = fn.color_space_conversion(v, image_type=types.RGB, output_type=types.GRAY)
-    center = fn.reductions.mean(fn.cast(gray, dtype=types.FLOAT))
-    if v.device == "gpu":
-        center = center.cpu()
-    v = fn.brightness_contrast(v, brightness=bright, contrast=contrast, contrast_center=center)
-    keep_color = 1.0 - fn.cast(fn.random.coin_flip(probability=MOCO["gray_p"]),
-                               dtype=types.FLOAT)
-    v = fn.hsv(v, hue=hue_deg, saturation=saturation * keep_color)
-    blur = fn.cast(fn.random.coin_flip(probability=MOCO["blur_p"]), dtype=types.FLOAT)
-    sigma = blur * _uniform(*MOCO["blur_sigma"]) + (1.0 - blur) * 1e-3
-    v = fn.gaussian_blur(v, window_size=moco_blur_kernel(s), sigma=sigma)
-    v = _to_channels(v, 3, spec.channels)
-    return _normalize(v, spec, mirror=fn.random.coin_flip())
+    return fn.transpose(v, perm=[2, 0, 1], output_layout="CHW")
 
 
-def _graph(spec: AugmentSpec, raw, encoded: bool, in_channels: int, gpu: bool, fixed_size):
-    """The augmentation recipe as DALI operators; returns the normalized NCHW (or 2-view) node."""
+def _graph(spec: AugmentSpec, raw, encoded: bool, in_channels: int, gpu: bool, fixed_size,
+           mirror, start):
+    """The augmentation recipe as DALI operators; returns the normalized NCHW (or 2-view)
+    node (uint8 views for MoCo). ``mirror`` / ``start``: the seeded flips and "small" crop
+    corners from the feeder."""
     s, kind = spec.size, spec.kind
     decode_dev = "mixed" if gpu else "cpu"
-    rgb_needed = kind == "moco" and spec.train
-    out_type = types.GRAY if (spec.channels == 1 and not rgb_needed) else types.RGB
+    out_type = types.GRAY if spec.channels == 1 else types.RGB
     have = 1 if out_type == types.GRAY else 3
 
     if encoded and kind == "imagenet" and spec.train:
@@ -372,15 +403,12 @@ def _graph(spec: AugmentSpec, raw, encoded: bool, in_channels: int, gpu: bool, f
                                             random_aspect_ratio=list(RRC_RATIO),
                                             num_attempts=10)
         img = fn.resize(img, resize_x=s, resize_y=s)
-        return _normalize(_to_channels(img, have, spec.channels), spec,
-                          mirror=fn.random.coin_flip())
+        return _normalize(_to_channels(img, have, spec.channels), spec, mirror=mirror)
     if encoded:
         img = fn.decoders.image(raw, device=decode_dev, output_type=out_type)
     else:
         img = raw.gpu() if gpu else raw
         have = in_channels
-        if rgb_needed and have == 1:
-            img, have = fn.cat(img, img, img, axis=2), 3
 
     if kind == "moco" and spec.train:
         return fn.stack(_moco_view(img, spec), _moco_view(img, spec))
@@ -388,20 +416,15 @@ def _graph(spec: AugmentSpec, raw, encoded: bool, in_channels: int, gpu: bool, f
         if spec.train:  # imagenet, from arrays
             img = fn.random_resized_crop(img, size=[s, s], random_area=list(RRC_SCALE),
                                          random_aspect_ratio=list(RRC_RATIO))
-            return _normalize(_to_channels(img, have, spec.channels), spec,
-                              mirror=fn.random.coin_flip())
+            return _normalize(_to_channels(img, have, spec.channels), spec, mirror=mirror)
         img = fn.resize(img, resize_shorter=spec.eval_resize)
         return _normalize(_to_channels(img, have, spec.channels), spec, crop=[s, s])
     if kind == "small":
         img = _to_channels(img, have, spec.channels)
-        if spec.train:
-            pad = spec.pad
-            hw = fn.cast(img.shape(), dtype=types.FLOAT)[0:2]
-            u = fn.random.uniform(range=[0.0, 1.0], shape=[2])
-            start = fn.cast(dmath.floor(u * (hw + float(2 * pad - s + 1))), dtype=types.INT32)
-            img = fn.slice(img, start=start - pad, shape=[s, s], axes=[0, 1],
+        if spec.train:   # the corner and flip of batch_aug.small_crop_params (seeded)
+            img = fn.slice(img, start=start, shape=[s, s], axes=[0, 1],
                            out_of_bounds_policy="pad")
-            return _normalize(img, spec, mirror=fn.random.coin_flip())
+            return _normalize(img, spec, mirror=mirror)
         if fixed_size == (s, s):
             return _normalize(img, spec)
         return _normalize(img, spec, crop=[s, s])
