@@ -28,11 +28,10 @@ import yaml
 
 from .checkpoint import LAST, disk_errors
 from .resume_rules import RESUMABLE
+from .results import PER_CLASS, RESULTS  # noqa: F401  (its files)
 
 FINGERPRINT = "fingerprint.json"
 LOCK = "run.lock"
-RESULTS = "results.json"
-PER_CLASS = "results_per_class.npz"   # written beside it by trainer/results.py
 METRICS = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 
