@@ -138,8 +138,8 @@ def test_stop_request_checkpoints_and_resumes_exactly(tiny, tmp_path):
     trainer = engine.Trainer(cfg("stopped"))
     original = trainer.method.training_step
 
-    def step_then_signal(model, batch):
-        out = original(model, batch)
+    def step_then_signal(model, batch, ctx):
+        out = original(model, batch, ctx)
         if trainer.global_step == 7:
             os.kill(os.getpid(), signal.SIGUSR2)     # arrives in the middle of step 8
         return out

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from tests.conftest import ROOT, needs_fmnist
 from trainer.config import load_config
+from trainer.methods.base import Batch
 from trainer.methods.moco import MoCo, info_nce_logits
+from trainer.step_context import StepContext
 
 
 def make_moco(batch=8, queue=16, splits=1, momentum=0.9, name="resnet8"):
@@ -61,7 +63,8 @@ def test_info_nce_equals_hand_computation():
 def test_no_gradient_reaches_key_encoder_and_queue_advances():
     m = make_moco(batch=8, queue=16, splits=2)
     views = torch.randn(8, 2, 1, 28, 28)
-    loss, logs = m.training_step(m.model, (views, torch.zeros(8, dtype=torch.long)))
+    loss, logs = m.training_step(m.model, Batch(views, torch.zeros(8, dtype=torch.long)),
+                                 StepContext())
     loss.backward()
     assert all(p.grad is None for p in m.key_model.parameters())
     assert all(not p.requires_grad for p in m.key_model.parameters())
@@ -75,9 +78,8 @@ def test_shuffled_keys_come_back_in_original_order():
     m = make_moco(batch=8, splits=1)
     im_k = torch.randn(8, 1, 28, 28)
     for step in (0, 1, 2):
-        m.global_step = step
         m.key_model.train()
-        shuffled = m.keys(im_k)[0]
+        shuffled = m.keys(im_k, StepContext(step=step))[0]
         direct = F.normalize(m.key_model(im_k).float(), dim=1)
         torch.testing.assert_close(shuffled, direct, rtol=1e-4, atol=1e-5)
 
@@ -86,8 +88,7 @@ def test_split_bn_keys_depend_on_the_shuffle():
     """With 2 groups the shuffle decides which samples share statistics (that is its point)."""
     m = make_moco(batch=8, splits=2)
     im_k = torch.randn(8, 1, 28, 28)
-    m.global_step = 0
-    a = m.keys(im_k)[0]
+    a = m.keys(im_k, StepContext(step=0))[0]
     direct = F.normalize(m.key_model(im_k).float(), dim=1)
     assert not torch.allclose(a, direct, atol=1e-4)
 
@@ -118,7 +119,7 @@ def test_two_process_moco_matches_one_process_with_two_bn_groups(tmp_path, small
     assert same < 2e-4 and different > 20 * same, (same, different)
     qa, qb = load("one", "checkpoint_last.pt")["method"], load("two", "checkpoint_last.pt")["method"]
     torch.testing.assert_close(qa["queue"], qb["queue"], rtol=1e-3, atol=1e-4)
-    assert qa["queue_ptr"] == qb["queue_ptr"] == 240 // 16 * 16 % 32
+    assert qa["_extra_state"]["queue_ptr"] == qb["_extra_state"]["queue_ptr"] == 240 // 16 * 16 % 32
 
 
 # ------------------------------------------------------------------ uneven batches, all_to_all
@@ -194,11 +195,11 @@ def _uneven_worker(out):
         views = _uneven_views(step)
         start = sum(sizes[:info.rank])
         mine = views[start:start + sizes[info.rank]]
-        m.global_step = step
-        loss, _ = m.training_step(m.model, (mine, torch.zeros(len(mine), dtype=torch.long)))
+        loss, _ = m.training_step(m.model, Batch(mine, torch.zeros(len(mine), dtype=torch.long)),
+                                  StepContext(step=step, info=info))
         losses.append(loss.item())
     with torch.autocast("cpu", dtype=torch.bfloat16):   # images travel in the training dtype
-        m.keys(mine[:, 1].contiguous())
+        m.keys(mine[:, 1].contiguous(), StepContext(step=len(UNEVEN_STEPS), info=info))
     torch.save({"losses": losses, "queue": m.queue, "ptr": m.queue_ptr, "sent": sent},
                f"{out}/rank{info.rank}.pt")
 

@@ -20,10 +20,12 @@ from ltrainer.tools import make_unlabeled_pool as make_pool
 from trainer import pseudo_labels
 from trainer.config import ConfigError, load_config
 from trainer.losses import class_balanced_weights
-from trainer.methods import create_method
+from trainer.methods.base import Batch
 from trainer.methods.mean_teacher import ema_decay, ema_update
 from trainer.methods.vat import frozen_buffers, vat_perturbation
 from trainer.pipeline import load_plan, run_plan
+from trainer.serving import build_method
+from trainer.step_context import StepContext
 
 pytestmark = needs_fmnist
 CE = os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml")
@@ -50,8 +52,10 @@ def fake_pseudo_labels(cfg, path, seed=0):
 
 
 def method_for(cfg):
+    """(method, data, the engine's unlabeled stream for it) as the engine builds them."""
     data = build_data(cfg.data, eval_splits=())
-    return create_method(cfg, data, CPU), data
+    method, supply = build_method(cfg, data, CPU)
+    return method, data, supply.stream
 
 
 # ------------------------------------------------------------------------------ pools
@@ -222,7 +226,7 @@ def test_mixed_batch_holds_both_sources_at_the_configured_ratio(tiny, tmp_path):
     cfg = load_config(CE, tiny + SMALL_POOL + ["method.name=self_training",
                                                f"semi.pseudo_labels={tmp_path / 'pl.npz'}"])
     pl = fake_pseudo_labels(cfg, tmp_path / "pl.npz")
-    method, data = method_for(cfg)
+    method, data, stream = method_for(cfg)
     method.on_epoch_start(0)
     images, labels = next(iter(data.train_loader("uniform", 0)[0]))
     seen = []
@@ -231,19 +235,19 @@ def test_mixed_batch_holds_both_sources_at_the_configured_ratio(tiny, tmp_path):
         seen.append(x)
         return method.model(x)
 
-    method.training_step(model, (images, labels))
+    method.training_step(model, Batch(images, labels, *stream.next()), StepContext())
     batch = seen[0]
     assert batch.shape[0] == 32 + 16                   # semi.unlabeled_ratio 0.5 x batch 32
     assert torch.equal(batch[:32], images)
     sampler = data._loaders[("unlabeled",)][1]
     keys = list(iter(sampler))[:16]
-    pool_images = torch.stack([method.unlabeled[k][0] for k in keys])
+    pool_images = torch.stack([stream.dataset[k][0] for k in keys])
     assert torch.equal(batch[32:], pool_images)
     rows = np.array([k[0] for k in keys])
-    assert np.array_equal(method.unlabeled.source.labels[rows], pl.labels[rows])  # pseudo, not true
-    pool_ids = image_ids(method.pool.parts[0].spec, *base_indices(method.unlabeled.source))[rows]
+    assert np.array_equal(stream.dataset.source.labels[rows], pl.labels[rows])  # pseudo, not true
+    pool_ids = image_ids(method.pool.parts[0].spec, *base_indices(stream.dataset.source))[rows]
     assert not np.isin(pool_ids, task_image_ids(cfg.data)).any()     # really pool images
-    assert method.state_dict() == {"unlabeled_epoch": 0, "unlabeled_batch": 1}
+    assert stream.state_dict() == {"unlabeled_epoch": 0, "unlabeled_batch": 1}
 
 
 def test_omega_weighted_loss_equals_a_hand_computation(tiny, tmp_path):
@@ -251,14 +255,15 @@ def test_omega_weighted_loss_equals_a_hand_computation(tiny, tmp_path):
         "method.name=self_training", f"semi.pseudo_labels={tmp_path / 'pl.npz'}",
         "semi.omega=0.7", "train_rule.name=reweight"])
     pl = fake_pseudo_labels(cfg, tmp_path / "pl.npz")
-    method, data = method_for(cfg)
+    method, data, stream = method_for(cfg)
     counts = np.asarray(data.class_counts) + np.bincount(pl.labels, minlength=10)
     assert method.loss_counts() == counts.tolist()              # semi.counts: combined
     method.on_epoch_start(0)
     images, labels = next(iter(data.train_loader("uniform", 0)[0]))
-    loss, logs = method.training_step(method.model, (images, labels))
-    method.load_state_dict({"unlabeled_epoch": 0, "unlabeled_batch": 0})
-    u_images, u_labels = method.next_unlabeled()
+    loss, logs = method.training_step(method.model, Batch(images, labels, *stream.next()),
+                                      StepContext())
+    stream.load_state_dict({"unlabeled_epoch": 0, "unlabeled_batch": 0})
+    u_images, u_labels = stream.next()
     with torch.no_grad():
         logits = method.model(torch.cat([images, u_images]))
     w = class_balanced_weights(counts.tolist(), 0.9999)
@@ -286,7 +291,7 @@ def test_self_training_killed_runs_resume_to_identical_weights(tiny, tmp_path):
     wa = torch.load(tmp_path / "ref" / "model_final.pt", weights_only=True)
     wb = torch.load(tmp_path / "killed" / "model_final.pt", weights_only=True)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    state = torch.load(tmp_path / "ref" / "checkpoint_last.pt", weights_only=True)["method"]
+    state = torch.load(tmp_path / "ref" / "checkpoint_last.pt", weights_only=True)["unlabeled"]
     assert state == {"unlabeled_epoch": 1, "unlabeled_batch": 36 - 24}
     losses = lambda d: [json.loads(line).get("loss_u") for line in
                         (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
@@ -307,8 +312,8 @@ def test_self_training_runs_with_the_accelerated_loaders(backend, tiny, tmp_path
             f"data.beton_dir={tmp_path / 'betons'}", "run.name=run"]
     cfg = load_config(CE, over)
     pl = fake_pseudo_labels(cfg, tmp_path / "pl.npz")
-    method, data = method_for(cfg)
-    _, u_labels = method.next_unlabeled()
+    method, data, stream = method_for(cfg)
+    _, u_labels = stream.next()
     first = np.nonzero(pl.selected)[0]
     assert u_labels.dtype == torch.int64 and len(u_labels) == 16
     assert set(u_labels.tolist()) <= set(pl.labels[first].tolist())
@@ -351,17 +356,17 @@ def test_mean_teacher_ema_update(tiny):
         assert torch.allclose(t, 0.9 * a + 0.1 * s)
     assert [ema_decay(s, 0.99) for s in (0, 1, 8, 1000)] == [0.5, 1 - 1 / 3, 0.9, 0.99]
     cfg = load_config(CE, tiny + SMALL_POOL + ["method.name=mean_teacher", "semi.ema_decay=0.95"])
-    method, _ = method_for(cfg)
+    method, _, _ = method_for(cfg)
     before = [p.detach().clone() for p in method.teacher.parameters()]
     with torch.no_grad():
         for p in method.model.parameters():
             p.add_(1.0)
-    method.on_step_end(method.model, 100)
+    method.on_step_end(method.model, StepContext(step=100))
     for t, a, s in zip(method.teacher.parameters(), before, method.model.parameters()):
         assert torch.allclose(t, 0.95 * a + 0.05 * s)
         assert not t.requires_grad
     assert method.final_model() is method.teacher
-    assert "teacher" in method.state_dict()
+    assert any(k.startswith("teacher.") for k in method.state_dict())   # a submodule
 
 
 def test_vat_perturbation_has_norm_eps_and_keeps_batchnorm_statistics():

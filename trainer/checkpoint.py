@@ -138,3 +138,55 @@ def _python_state_from_tensor(t: torch.Tensor):
 def last_checkpoint(run_dir: str) -> str | None:
     path = os.path.join(run_dir, LAST)
     return path if os.path.isfile(path) else None
+
+
+# ------------------------------------------------------------------ a method's own state
+UNLABELED_KEYS = ("unlabeled_epoch", "unlabeled_batch")
+
+
+def method_state(method) -> dict:
+    """The method module's state (key encoder, teacher, queue, `state_fields`) without its
+    model's tensors, which the checkpoint holds once, under 'model' (also where another
+    submodule shares them, as LWS's scaled head)."""
+    shared = {(t.data_ptr(), t.numel()) for t in method.model.state_dict().values()
+              if t.numel()}
+    return {k: v for k, v in method.state_dict().items() if not k.startswith("model.")
+            and not (torch.is_tensor(v) and (v.data_ptr(), v.numel()) in shared)}
+
+
+def load_method_state(method, state: dict, path: str) -> dict | None:
+    """Load checkpoint `state`'s method part into `method` (after the model); returns the
+    unlabeled pool's position (None without one). Checkpoints of the hand-written format
+    (before methods were modules: nested dicts, plain values beside tensors) are converted;
+    a state that still does not fit this method fails with the keys that differ."""
+    saved, unlabeled = dict(state["method"]), state.get("unlabeled")
+    expected = method_state(method)
+    if "_extra_state" not in saved:
+        saved, legacy_unlabeled = _upgrade(method, saved, expected)
+        unlabeled = unlabeled or legacy_unlabeled
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: its method state does not fit method '{method.name}' "
+                           f"(missing {len(missing)} keys {missing[:4]}, unexpected "
+                           f"{len(unexpected)} {unexpected[:4]}): written by "
+                           f"another method or version; resume it with the code that wrote "
+                           f"it, or start the stage in a new run folder")
+    method.load_state_dict(saved, strict=False)   # strict=False: the model came from 'model'
+    return unlabeled
+
+
+def _upgrade(method, saved: dict, expected: dict) -> tuple[dict, dict | None]:
+    """The old format: {'key_model': {...}, 'queue': t, 'queue_ptr': 3, 'scales': t, ...}."""
+    unlabeled = {k: saved.pop(k) for k in UNLABELED_KEYS if k in saved} or None
+    flat, extra = {}, {}
+    for k, v in saved.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{name}": t for name, t in v.items()})
+        elif k in expected:
+            flat[k] = v
+        elif torch.is_tensor(v) and len([e for e in expected if e.endswith("." + k)]) == 1:
+            flat[next(e for e in expected if e.endswith("." + k))] = v   # scales -> scaled.scales
+        else:
+            extra[k] = v
+    flat["_extra_state"] = {**method.get_extra_state(), **extra}
+    return flat, unlabeled

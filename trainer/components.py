@@ -6,7 +6,7 @@ from __future__ import annotations
 from configspec import compose
 from data_pipelines import augment, build, loaders, longtail, sources, unlabeled_pool
 
-from . import engine_config, optim, resume_rules, schedules
+from . import engine_config, optim, resume_rules, schedules, serving
 from .losses import LOSSES
 from .methods import METHODS
 from .models import BACKBONES, HEADS
@@ -16,7 +16,7 @@ PARTS = [
     sources.SOURCES, longtail.CONFIG, augment.AUGMENTS, build.CONFIG, loaders.LOADERS,
     BACKBONES, HEADS,
     LOSSES, schedules.TRAIN_RULES, optim.OPTIMIZERS, schedules.SCHEDULES,
-    METHODS, unlabeled_pool.CONFIG,
+    METHODS, serving.CONFIG, unlabeled_pool.CONFIG,
     engine_config.ENGINE,
 ]
 SCHEMA = compose(PARTS)

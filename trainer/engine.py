@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .config import Config, save_config
 from .divergence import check_loss
-from .methods import create_method
+from .methods.base import Batch
 from .metrics import metrics_from_confusion, plot_per_class_accuracy
 from .models import export_torchvision_state_dict
 from .optim import build_optimizer, describe_lr, scaled_lr
@@ -35,6 +35,8 @@ from .results import (PER_CLASS, describe_class_counts, finished_message, split_
                       write_results)
 from .run_log import PlanPosition, Progress, RunLog
 from .schedules import lr_factor
+from .serving import build_method
+from .step_context import StepContext
 
 _STOP = threading.Event()
 # With several processes the ranks agree on a stop request (one all-reduce and a host sync)
@@ -105,14 +107,17 @@ class Trainer:
                              f"by the number of processes ({world})")
         self.data = build_data(cfg.data, rank=self.info.rank, world_size=world,
                                seed=cfg.run.seed, eval_splits=(cfg.eval.split,))
-        self.method = create_method(cfg, self.data, self.device)
-        self.method.trainer = self
+        self.memory_format = (torch.channels_last if cfg.model.channels_last
+                              else torch.contiguous_format)
+        # the method, and what it declared it needs served (unlabeled batches, a feature cache)
+        self.method, self.supply = build_method(cfg, self.data, self.device, self.memory_format)
         if self.method.init_message:
             self.log.info(self.method.init_message)
         self.model = self.method.model.to(self.device)
-        self.memory_format = (torch.channels_last if cfg.model.channels_last
-                              else torch.contiguous_format)
         self.model = self.model.to(memory_format=self.memory_format)
+        # what every method call gets instead of a reference to this Trainer
+        self.ctx = StepContext(seed=cfg.run.seed, info=self.info, embed=self.embed,
+                               autocast=self.autocast, log=self.log, run_dir=self.run_dir)
         module, note = dist_utils.sync_batchnorm(self.method.train_module(),
                                                  cfg.model.sync_bn, self.info)
         if note:
@@ -144,7 +149,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "method": self.method.state_dict(),
+            "method": ckpt.method_state(self.method),
+            **({"unlabeled": self.supply.stream.state_dict()} if self.supply.stream else {}),
             "progress": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                          "global_step": self.global_step, "eval_pending": self.eval_pending,
                          "metrics_records": self.log.records, "first_loss": self.first_loss,
@@ -158,9 +164,7 @@ class Trainer:
     def synced_modules(self) -> list[torch.nn.Module]:
         """The model and the method's other modules (key encoder, teacher): their buffers are
         made rank 0's before evaluation and saving."""
-        mods = [self.model] + [m for m in vars(self.method).values()
-                               if isinstance(m, torch.nn.Module) and m is not self.model]
-        return mods
+        return [self.model, self.method]    # the method's submodules and buffers
 
     def save_checkpoint(self):
         dist_utils.broadcast_buffers(self.synced_modules())
@@ -180,7 +184,9 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.method.load_state_dict(state["method"])
+        unlabeled = ckpt.load_method_state(self.method, state, path)
+        if self.supply.stream is not None:
+            self.supply.stream.load_state_dict(unlabeled)
         p = state["progress"]
         self.epoch, self.step_in_epoch, self.global_step = (
             p["epoch"], p["step_in_epoch"], p["global_step"])
@@ -225,6 +231,7 @@ class Trainer:
     def train_epoch(self) -> bool:
         """Run (the rest of) one epoch; return False when max_steps cut it short."""
         cfg = self.cfg
+        self.supply.before_epoch(self.embed)      # DataNeeds.feature_cache, once
         choice = self.method.on_epoch_start(self.epoch)
         loader, sampler = self.data.train_loader(choice.kind, self.epoch, self.step_in_epoch,
                                                  class_weights=choice.class_weights)
@@ -239,11 +246,12 @@ class Trainer:
         for batch in loader:
             lr = self._set_lr(self.step_in_epoch, steps)
             images, labels = self._to_device(batch)
-            self.method.global_step = self.global_step
+            ctx = self.ctx.at(self.global_step, self.epoch)
+            batch = Batch(images, labels, *self.supply.unlabeled())
             with self.autocast():
-                loss, logs = self.method.training_step(self.train_model, (images, labels))
+                loss, logs = self.method.training_step(self.train_model, batch, ctx)
             self._optimizer_step(loss)
-            self.method.on_step_end(self.train_model, self.global_step)
+            self.method.on_step_end(self.train_model, ctx)
             self.global_step += 1
             self.step_in_epoch += 1
             if self.global_step % cfg.engine.log_every == 0 or self.step_in_epoch == steps:
@@ -342,7 +350,7 @@ class Trainer:
     def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Predicted and true labels of this rank's shard of a split (nothing is gathered:
         evaluate() merges the ranks' confusion counts)."""
-        self.method.prepare_eval(self)
+        self.method.prepare_eval(self.ctx.at(self.global_step, self.epoch))
         pred, true = self.embed(split, lambda x: self.method.predict(self.model, x).argmax(1),
                                 gather=False)
         return pred.long().cpu().numpy(), true.cpu().numpy()

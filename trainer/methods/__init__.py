@@ -7,12 +7,19 @@ from .base import Method
 from .registry import METHODS, register  # noqa: F401  (re-exported)
 
 
-def create_method(cfg, data, device) -> Method:
+def method_class(cfg) -> type[Method]:
     if cfg.method.name not in METHODS:
         raise ValueError(f"method.name = {cfg.method.name!r} is unknown; "
                          f"available: {', '.join(sorted(METHODS))}")
+    return METHODS[cfg.method.name]
+
+
+def create_method(cfg, data, device, pool=None) -> Method:
+    """The configured method; `pool`: the unlabeled pool, for methods whose needs() ask for
+    it (trainer/serving.py builds both, with everything else a method declares)."""
+    cls = method_class(cfg)
     check_every_class(cfg, data.class_counts)
-    return METHODS[cfg.method.name](cfg, data, device)
+    return cls(cfg, data, device, **({} if pool is None else {"pool": pool}))
 
 
 def check_every_class(cfg, class_counts):

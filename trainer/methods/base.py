@@ -1,20 +1,27 @@
 """The contract between the engine and a method.
 
 The engine owns the loop: devices, DDP, mixed precision, the optimizer and lr schedule,
-checkpoints, logging and evaluation. A method owns only what differs between methods: the
-model it trains, what one step computes, and what it needs at an epoch boundary. Randomness a
-method uses inside a step should come from a generator seeded by (run seed, global step) so
-that a resumed run repeats it exactly.
+checkpoints, logging, evaluation and the data. A method owns only what differs between methods:
+the model it trains, what one step computes, and what it needs at an epoch boundary.
+
+A method is an nn.Module: its key encoder, teacher or queue are submodules and buffers, so the
+engine checkpoints them with `state_dict()` (plain values a method keeps, such as a queue
+pointer, are named in `state_fields`). It never reaches into the engine: each call gets a
+StepContext (step, ranks, a generator seeded by (run seed, step), embed, autocast, log), and
+what it needs besides the labeled batches (the unlabeled pool, a frozen-feature cache) it
+declares in `needs`, which the engine (trainer/serving.py) serves.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 import configspec as spec
 
+from ..step_context import StepContext  # noqa: F401  (the type every hook receives)
 from ..transfer import load_pretrained
 
 
@@ -25,11 +32,46 @@ class SamplerChoice:
     class_weights: list[float] | None = None   # for kind 'cb': per-class sample weights
 
 
-class Method:
+@dataclass(frozen=True)
+class TaskShape:
+    """All a method knows of the data: the task's shapes and this process's shard; nothing
+    it could open or swap (the engine serves what `needs` declares)."""
+    num_classes: int
+    in_channels: int
+    class_counts: list
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def of(cls, data) -> "TaskShape":
+        return cls(data.num_classes, data.in_channels, list(data.class_counts),
+                   getattr(data, "rank", 0), getattr(data, "world_size", 1))
+
+
+@dataclass(frozen=True)
+class DataNeeds:
+    """What a method asks the engine for besides the labeled training batches."""
+    pool: bool = False             # the unlabeled pool (semi.* keys), given to the constructor
+    unlabeled_batch: int = 0       # pool images per global batch, served in Batch.u_images
+    pool_split: str | None = None  # the pool as an evaluation split of this name
+    feature_cache: bool = False    # train on the training set embedded once (cache_encoder)
+
+
+class Batch(NamedTuple):
+    """One step's inputs on the device: the labeled batch and, for methods that declare
+    unlabeled_batch, this rank's pool images with their labels (pseudo, or -1)."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    u_images: torch.Tensor | None = None
+    u_labels: torch.Tensor | None = None
+
+
+class Method(nn.Module):
     name = "base"
     trains = True                # False: sched.epochs must be 0 (NCM, tau-norm, pseudo-labels)
     reads_pool = False           # reads the unlabeled pool (the semi.* pool keys)
     uses_pseudo_labels = False   # trains on semi.pseudo_labels
+    state_fields: tuple[str, ...] = ()   # plain attributes saved with the checkpoint
     # The keys this class reads; a subclass adds its own (merged along the bases).
     config = {"model": {
         "init": spec.F("str", None, nullable=True,
@@ -59,14 +101,30 @@ class Method:
                                        f"{', '.join(repr(n) for n in readers)} (method.name is "
                                        f"'{cfg.method.name}'); set it in that stage only")
 
-    def __init__(self, cfg, data, device: torch.device):
-        self.cfg, self.data, self.device = cfg, data, device
-        self.trainer = None        # set by the engine: gives access to embed() and autocast()
-        self.global_step = 0       # kept current by the engine before each training_step
+    @classmethod
+    def needs(cls, cfg) -> DataNeeds:
+        """What the engine must serve this config (trainer/serving.py builds it)."""
+        return DataNeeds(pool=cls.reads_pool)
+
+    @classmethod
+    def eval_split_keys(cls, cfg) -> tuple[str, ...]:
+        """Config keys naming a split this method evaluates on besides eval.split (checked
+        to exist by trainer/serving.py)."""
+        return ()
+
+    def __init__(self, cfg, data, device: torch.device, pool=None):
+        """`data`: a TaskShape (or anything with its fields); `pool`: the unlabeled pool
+        when `needs` asks for it."""
+        super().__init__()
+        self.cfg, self.data, self.device, self.pool = cfg, data, device, pool
+        self.read_inputs()
         self.model: nn.Module = self.build_model()
         self.init_message = ""
         if cfg.model.init:
             self.init_message = load_pretrained(self.model, cfg.model.init, cfg.model.init_head)
+
+    def read_inputs(self) -> None:
+        """Read what build_model and the loss depend on besides the config (pseudo-labels)."""
 
     @classmethod
     def needs_every_class(cls, cfg) -> str | None:
@@ -86,7 +144,8 @@ class Method:
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
-    def training_step(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+    def training_step(self, model: nn.Module, batch: Batch,
+                      ctx: StepContext) -> tuple[torch.Tensor, dict]:
         """Return (loss, {name: scalar tensor}) for one batch; `model` may be DDP-wrapped."""
         raise NotImplementedError
 
@@ -101,8 +160,8 @@ class Method:
         model; methods with a frozen backbone return only the part they train)."""
         return self.model
 
-    def prepare_eval(self, trainer) -> None:
-        """Called before each evaluation (e.g. to build a kNN feature bank)."""
+    def prepare_eval(self, ctx: StepContext) -> None:
+        """Called before each evaluation (e.g. to build a kNN feature bank with ctx.embed)."""
 
     def param_groups(self) -> list[dict]:
         """Parameters the optimizer updates (default: every trainable parameter)."""
@@ -112,8 +171,8 @@ class Method:
         """Called before each epoch; says how to draw this epoch's samples."""
         return SamplerChoice()
 
-    def on_step_end(self, model: nn.Module, global_step: int) -> None:
-        """Called after the optimizer step (e.g. momentum-encoder updates)."""
+    def on_step_end(self, model: nn.Module, ctx: StepContext) -> None:
+        """Called after the optimizer step of ctx.step (e.g. momentum-encoder updates)."""
 
     @torch.no_grad()
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -128,9 +187,21 @@ class Method:
         """The model saved as model_final.pt (e.g. with a learned scaling folded in)."""
         return self.model
 
-    def state_dict(self) -> dict:
-        """Extra state beyond the model's parameters (e.g. a queue)."""
-        return {}
+    def unlabeled_rows(self):
+        """(pool rows, their labels) the engine serves as unlabeled batches (semi methods)."""
+        raise NotImplementedError(f"method '{self.name}' declares no unlabeled batches")
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def cache_encoder(self) -> nn.Module:
+        """The module whose outputs the engine caches for training (DataNeeds.feature_cache)."""
+        raise NotImplementedError(f"method '{self.name}' declares no feature cache")
+
+    # -- state: submodules and buffers by nn.Module, plain values by state_fields ----
+    def get_extra_state(self) -> dict:
+        return {k: getattr(self, k) for k in self.state_fields}
+
+    def set_extra_state(self, state: dict) -> None:
+        if set(state) != set(self.state_fields):
+            raise ValueError(f"method '{self.name}': the checkpoint's plain state has "
+                             f"{sorted(state)}, this method keeps {sorted(self.state_fields)}")
+        for k, v in state.items():
+            setattr(self, k, v)

@@ -10,12 +10,10 @@ from __future__ import annotations
 import torch
 
 import configspec as spec
-from data_pipelines.datasets import AugmentedDataset
-from data_pipelines.sources import TensorSource
 
 from ..losses import loss_from_config
 from ..models import create_model
-from .base import Method, SamplerChoice
+from .base import DataNeeds, Method, SamplerChoice
 
 
 class FrozenBackbone(Method):
@@ -69,17 +67,18 @@ class FrozenBackbone(Method):
         if self.reinit_head and cfg.classifier.reinit:
             self.model.reset_head()
         self.loss = loss_from_config(cfg.loss, data.class_counts).to(device)
-        self.cached = False
 
     def train_module(self):
         return self.model.head
 
+    @classmethod
+    def needs(cls, cfg) -> DataNeeds:
+        return DataNeeds(feature_cache=cfg.classifier.cache_features)
+
+    def cache_encoder(self):
+        return self.model.backbone
+
     def on_epoch_start(self, epoch: int) -> SamplerChoice:
-        if self.cfg.classifier.cache_features and not self.cached:
-            feats, labels = self.trainer.embed("train", self.model.backbone)
-            source = TensorSource(feats.cpu(), labels.cpu().numpy(), self.data.num_classes)
-            self.data.replace_train(AugmentedDataset(source, None))
-            self.cached = True
         return SamplerChoice(self.cfg.classifier.sampler or self.default_sampler)
 
     @torch.no_grad()
@@ -87,8 +86,8 @@ class FrozenBackbone(Method):
         """Backbone features, or the inputs themselves when they are cached features."""
         return inputs if inputs.dim() == 2 else self.model.backbone(inputs)
 
-    def training_step(self, model, batch):
-        inputs, labels = batch
+    def training_step(self, model, batch, ctx):
+        inputs, labels = batch.images, batch.labels
         logits = model(self.features(inputs))
         loss = self.loss(logits, labels)
         with torch.no_grad():

@@ -54,12 +54,5 @@ class LWS(FrozenBackbone):
         model.head.fc.bias.data.mul_(s)
         return model
 
-    def state_dict(self):
-        return {"scales": self.scaled.scales.detach().clone()}
-
-    def load_state_dict(self, state):
-        with torch.no_grad():
-            self.scaled.scales.copy_(state["scales"])
-
     def summary(self) -> dict:
         return {"lws_scales": self.scaled.scales.detach().tolist()}

@@ -41,17 +41,17 @@ class MeanTeacher(SemiSupervised):
                                                   "separately for student and teacher"),
     }}
 
-    def __init__(self, cfg, data, device):
-        super().__init__(cfg, data, device)
-        self.teacher = copy.deepcopy(self.model).to(device, memory_format=self.memory_format)
+    def __init__(self, cfg, data, device, pool=None):
+        super().__init__(cfg, data, device, pool)
+        fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        self.teacher = copy.deepcopy(self.model).to(device, memory_format=fmt)   # a submodule
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
-    def training_step(self, model, batch):
-        images, labels = batch
-        u_images, _ = self.next_unlabeled()
+    def training_step(self, model, batch, ctx):
+        images, labels, u_images = batch.images, batch.labels, batch.u_images
         sigma, n = self.cfg.semi.noise, images.shape[0]
-        g = self.step_generator(u_images.device, 0x7EAC)
+        g = ctx.generator(0x7EAC, u_images.device, per_rank=True)
 
         def noisy(x):
             if sigma == 0:
@@ -66,11 +66,11 @@ class MeanTeacher(SemiSupervised):
             target = F.softmax(self.teacher(teacher_in).float(), dim=1)
         loss_l = self.loss(logits[:n], labels)
         loss_u = F.mse_loss(F.softmax(logits[n:].float(), dim=1), target)
-        loss = loss_l + self.unlabeled_weight() * loss_u
+        loss = loss_l + self.unlabeled_weight(ctx.epoch) * loss_u
         return loss, self.labeled_logs(logits[:n], labels, loss_l, loss_u, loss)
 
-    def on_step_end(self, model, global_step: int) -> None:
-        ema_update(self.teacher, self.model, ema_decay(global_step, self.cfg.semi.ema_decay))
+    def on_step_end(self, model, ctx) -> None:
+        ema_update(self.teacher, self.model, ema_decay(ctx.step, self.cfg.semi.ema_decay))
 
     @torch.no_grad()
     def predict(self, model, images):
@@ -79,10 +79,3 @@ class MeanTeacher(SemiSupervised):
 
     def final_model(self):
         return self.teacher
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "teacher": self.teacher.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.teacher.load_state_dict(state["teacher"])

@@ -61,6 +61,7 @@ def _on(index: torch.Tensor, device: torch.device) -> torch.Tensor:
 @register
 class MoCo(SelfSupervised):
     name = "moco"
+    state_fields = ("queue_ptr",)   # key_model and the queue are a submodule and a buffer
     no_sync_bn = "MoCo shuffles BatchNorm across the ranks itself (moco.bn_splits)"
     config = {"moco": {
         "dim": spec.F("int", 128, ge=1, help="projection (key) dimension"),
@@ -117,7 +118,8 @@ class MoCo(SelfSupervised):
         self.key_model = copy.deepcopy(self.model).to(device, memory_format=fmt)
         for p in self.key_model.parameters():
             p.requires_grad_(False)
-        self.queue = F.normalize(torch.randn(cfg.moco.dim, cfg.moco.queue), dim=0).to(device)
+        self.register_buffer("queue", F.normalize(torch.randn(cfg.moco.dim, cfg.moco.queue),
+                                                  dim=0).to(device))
         self.queue_ptr = 0
 
     @torch.no_grad()
@@ -127,7 +129,7 @@ class MoCo(SelfSupervised):
             pk.mul_(m).add_(pq.detach(), alpha=1 - m)
 
     @torch.no_grad()
-    def keys(self, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys(self, im_k: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalized keys of the whole global batch in global order, this rank's keys),
         encoded on a batch shuffled across processes (shuffled BN). Only the permutation is
         shared (a pure function of seed and step); each rank receives just the images it
@@ -137,9 +139,7 @@ class MoCo(SelfSupervised):
             sizes = [im_k.shape[0]] * world    # the samplers drop the tail: equal batches
         else:
             sizes = dist_utils.gather_sizes(im_k.shape[0], dev)
-        g = torch.Generator().manual_seed((self.cfg.run.seed * 1_000_003 + self.global_step)
-                                          % (2 ** 62))
-        perm = torch.randperm(sum(sizes), generator=g)
+        perm = torch.randperm(sum(sizes), generator=ctx.generator(0x5F1E))   # same on all ranks
         start = sum(sizes[:rank])
         if world == 1:
             local = im_k[_on(perm, dev)]
@@ -170,12 +170,12 @@ class MoCo(SelfSupervised):
         self.queue[:, :n - first] = keys[first:].T
         self.queue_ptr = (ptr + n) % size
 
-    def training_step(self, model, batch):
-        views, _ = batch                                  # [b, 2, C, H, W]; labels unused
+    def training_step(self, model, batch, ctx):
+        views = batch.images                              # [b, 2, C, H, W]; labels unused
         im_q, im_k = views[:, 0].contiguous(), views[:, 1].contiguous()
         q = F.normalize(model(im_q).float(), dim=1)
         self.momentum_update()
-        all_keys, k = self.keys(im_k)
+        all_keys, k = self.keys(im_k, ctx)
         logits = info_nce_logits(q, k, self.queue.clone(), self.cfg.moco.temperature)
         target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         loss = F.cross_entropy(logits, target)
@@ -183,12 +183,3 @@ class MoCo(SelfSupervised):
         with torch.no_grad():
             acc = (logits.argmax(1) == 0).float().mean() * 100
         return loss, {"loss": loss.detach(), "pos_acc": acc}
-
-    def state_dict(self) -> dict:
-        return {"key_model": self.key_model.state_dict(), "queue": self.queue,
-                "queue_ptr": self.queue_ptr}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.key_model.load_state_dict(state["key_model"])
-        self.queue.copy_(state["queue"])
-        self.queue_ptr = int(state["queue_ptr"])

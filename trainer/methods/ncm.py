@@ -18,6 +18,7 @@ class NCM(FrozenBackbone):
     name = "ncm"
     reinit_head = False
     trains = False
+    state_fields = ("means",)
 
     @classmethod
     def needs_every_class(cls, cfg):
@@ -61,9 +62,3 @@ class NCM(FrozenBackbone):
         else:
             model.head.weight.data.copy_(self.means)
         return model
-
-    def state_dict(self):
-        return {} if self.means is None else {"means": self.means}
-
-    def load_state_dict(self, state):
-        self.means = state.get("means")

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 import configspec as spec
-from data_pipelines.unlabeled_pool import build_pool, check_pool
 
 from .. import distributed as dist_utils
 from .. import pseudo_labels
+from .base import DataNeeds
 from .registry import register
 from .supervised_base import SupervisedBase
 
@@ -42,16 +42,20 @@ class PseudoLabel(SupervisedBase):
             fail("method.name", "method 'pseudo_label' labels the pool with a trained "
                                 "classifier: set model.init (a run folder, a checkpoint or "
                                 "'@stage') and model.init_head: true")
-        check_pool(cfg, fail)
         super().check_config(cfg, fail)
 
-    def __init__(self, cfg, data, device):
-        super().__init__(cfg, data, device)
-        self.pool = build_pool(cfg.data, cfg.semi)
-        data.evals[POOL_SPLIT] = data.make_dataset(self.pool.source, False)
+    @classmethod
+    def needs(cls, cfg) -> DataNeeds:
+        return DataNeeds(pool=True, pool_split=POOL_SPLIT)   # the engine opens the split
+
+    def __init__(self, cfg, data, device, pool=None):
+        super().__init__(cfg, data, device, pool)
+        if pool is None:
+            raise ValueError("method 'pseudo_label' labels the unlabeled pool: build it with "
+                             "trainer.serving.build_method, which serves the pool")
         self.report = None
 
-    def training_step(self, model, batch):
+    def training_step(self, model, batch, ctx):
         raise RuntimeError("method 'pseudo_label' does not train: set sched.epochs: 0")
 
     def prepare_eval(self, trainer) -> None:

@@ -19,8 +19,8 @@ class Rotation(SelfSupervised):
                             in_channels=self.data.in_channels, head="linear",
                             **self.model_kwargs())
 
-    def training_step(self, model, batch):
-        images, _ = batch          # labels are never used
+    def training_step(self, model, batch, ctx):
+        images = batch.images      # labels are never used
         turned = torch.cat([torch.rot90(images, r, dims=(2, 3)) for r in range(4)])
         target = torch.arange(4, device=images.device).repeat_interleave(images.shape[0])
         logits = model(turned)

@@ -28,12 +28,11 @@ class SelfTraining(SemiSupervised):
                                        f"pseudo_labels.npz of tools/pseudo_label.py")
         super().check_config(cfg, fail)
 
-    def training_step(self, model, batch):
-        images, labels = batch
-        u_images, u_labels = self.next_unlabeled()
+    def training_step(self, model, batch, ctx):
+        images, labels, u_images, u_labels = batch
         n = images.shape[0]
         logits = model(torch.cat([images, u_images]))   # one pass: BatchNorm sees both
         loss_l = self.loss(logits[:n], labels)
         loss_u = self.loss(logits[n:], u_labels)
-        loss = loss_l + self.unlabeled_weight() * loss_u
+        loss = loss_l + self.unlabeled_weight(ctx.epoch) * loss_u
         return loss, self.labeled_logs(logits[:n], labels, loss_l, loss_u, loss)

@@ -11,8 +11,8 @@ from .supervised_base import SupervisedBase
 class Supervised(SupervisedBase):
     name = "supervised"
 
-    def training_step(self, model, batch):
-        images, labels = batch
+    def training_step(self, model, batch, ctx):
+        images, labels = batch.images, batch.labels
         logits = model(images)
         loss = self.loss(logits, labels)
         with torch.no_grad():

@@ -24,8 +24,8 @@ class SupervisedBase(Method):
                             in_channels=self.data.in_channels, head=self.cfg.model.head,
                             **self.model_kwargs())
 
-    def __init__(self, cfg, data, device):
-        super().__init__(cfg, data, device)
+    def __init__(self, cfg, data, device, pool=None):
+        super().__init__(cfg, data, device, pool)
         counts = self.loss_counts()
         self.loss = loss_from_config(cfg.loss, counts).to(device)
         # None with an empty class: then only rules that never use them may run

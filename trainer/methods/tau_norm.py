@@ -8,7 +8,6 @@ import copy
 import torch
 
 import configspec as spec
-from data_pipelines.build import split_problem
 
 from .. import distributed as dist_utils
 from ..metrics import balanced_accuracy
@@ -27,6 +26,7 @@ class TauNorm(FrozenBackbone):
     reinit_head = False
     needs_trained_head = True
     trains = False
+    state_fields = ("tau",)
     config = {"tau_norm": {
         "tau": spec.F("float", None, nullable=True, ge=0,
                       help="null = choose on tau_norm.split"),
@@ -37,11 +37,8 @@ class TauNorm(FrozenBackbone):
     }}
 
     @classmethod
-    def check_config(cls, cfg, fail):
-        problem = cfg.tau_norm.tau is None and split_problem(cfg, cfg.tau_norm.split)
-        if problem:
-            fail("tau_norm.split", f"tau_norm.split = {cfg.tau_norm.split!r}: {problem}")
-        super().check_config(cfg, fail)
+    def eval_split_keys(cls, cfg):
+        return ("tau_norm.split",) if cfg.tau_norm.tau is None else ()
 
     def __init__(self, cfg, data, device):
         super().__init__(cfg, data, device)
@@ -85,12 +82,6 @@ class TauNorm(FrozenBackbone):
         w = model.head.fc.weight
         w.data.copy_(tau_normalized(w.data, self.tau))
         return model
-
-    def state_dict(self):
-        return {"tau": self.tau}
-
-    def load_state_dict(self, state):
-        self.tau = state["tau"]
 
     def summary(self) -> dict:
         return {"tau": self.tau, "tau_search": self.search}

@@ -62,11 +62,10 @@ class VAT(SemiSupervised):
         "vat_eps": spec.F("float", 6.0, gt=0, help="L2 norm of the adversarial perturbation"),
     }}
 
-    def training_step(self, model, batch):
-        images, labels = batch
-        u_images, _ = self.next_unlabeled()
+    def training_step(self, model, batch, ctx):
+        images, labels, u_images = batch.images, batch.labels, batch.u_images
         s, n = self.cfg.semi, images.shape[0]
-        g = self.step_generator(u_images.device, 0x0FA7)
+        g = ctx.generator(0x0FA7, u_images.device, per_rank=True)
         with no_autocast(u_images.device.type), frozen_buffers(self.model):
             with torch.no_grad():
                 target = F.softmax(self.model(u_images).float(), dim=1)
@@ -74,5 +73,5 @@ class VAT(SemiSupervised):
         logits = model(torch.cat([images, u_images + r_adv]))
         loss_l = self.loss(logits[:n], labels)
         loss_u = kl_to(target, logits[n:])
-        loss = loss_l + self.unlabeled_weight() * loss_u
+        loss = loss_l + self.unlabeled_weight(ctx.epoch) * loss_u
         return loss, self.labeled_logs(logits[:n], labels, loss_l, loss_u, loss)
