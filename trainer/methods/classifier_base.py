@@ -1,7 +1,10 @@
 """Shared part of cRT and its family (Kang et al. 2020): the representation learned in an
 earlier stage stays fixed and only the classifier is (re)learned or adjusted.
 
-The backbone is frozen and kept in eval mode (its BatchNorm statistics do not move). With
+The backbone is frozen; by default it stays in eval mode (its BatchNorm statistics do not
+move). `classifier.backbone_bn: train` keeps it in train mode as classifier-balancing's code
+does (run_networks.py puts every network in train mode each epoch), so BatchNorm normalises
+with the class-balanced batches' statistics and its running statistics follow them. With
 `classifier.cache_features` and no augmentation, the training set is embedded once and the
 classifier trains on the cached features, which makes an epoch nearly free.
 """
@@ -11,6 +14,7 @@ import torch
 
 import configspec as spec
 
+from .. import distributed as dist_utils
 from ..losses import loss_from_config
 from ..models import create_model
 from .base import DataNeeds, Method, SamplerChoice
@@ -19,15 +23,21 @@ from .base import DataNeeds, Method, SamplerChoice
 class FrozenBackbone(Method):
     no_sync_bn = "its backbone is frozen, in eval mode"
     default_sampler = "class_aware"
+    accumulates = True           # optim.accum_steps (trainer/accumulate.py)
     reinit_head = True
     needs_trained_head = False   # adjusts the classifier of stage 1 (LWS, tau-norm)
     config = {"classifier": {
-        "sampler": spec.F("str", None, "uniform", "class_aware", "sqrt", nullable=True,
+        "sampler": spec.F("str", None, "uniform", "class_aware", "class_aware_cyclic", "sqrt",
+                          nullable=True,
                           help="sampling of frozen-backbone methods; null = the method's own "
-                               "(cRT, LWS: class_aware; linear_probe: uniform)"),
+                               "(cRT, LWS: class_aware; linear_probe: uniform); "
+                               "class_aware_cyclic = classifier-balancing's sampler"),
         "cache_features": spec.F("bool", False, help="embed the training set once (needs "
                                                      "data.augment: none)"),
         "reinit": spec.F("bool", True, help="re-initialize the classifier (cRT, linear probe)"),
+        "backbone_bn": spec.F("str", "eval", "eval", "train",
+                              help="frozen backbone's BatchNorm while training: eval (fixed "
+                                   "statistics) or train (classifier-balancing's code)"),
     }}
 
     @classmethod
@@ -45,6 +55,13 @@ class FrozenBackbone(Method):
         if cfg.classifier.cache_features and cfg.data.augment != "none":
             fail("classifier.cache_features", "cached features are only exact without "
                                               "augmentation; set data.augment: none")
+        if cfg.classifier.backbone_bn == "train" and not cls.trains:
+            fail("classifier.backbone_bn", f"classifier.backbone_bn: train moves BatchNorm "
+                                           f"statistics while training; method '{name}' does "
+                                           f"not train")
+        if cfg.classifier.backbone_bn == "train" and cfg.classifier.cache_features:
+            fail("classifier.cache_features", "cached features need fixed BatchNorm "
+                                              "statistics; set classifier.backbone_bn: eval")
         super().check_config(cfg, fail)
 
     @classmethod
@@ -57,13 +74,13 @@ class FrozenBackbone(Method):
     def build_model(self):
         return create_model(self.cfg.model.name, num_classes=self.data.num_classes,
                             in_channels=self.data.in_channels, head=self.cfg.model.head,
-                            **self.model_kwargs())
+                            head_init=self.cfg.model.head_init, **self.model_kwargs())
 
     def __init__(self, cfg, data, device):
         super().__init__(cfg, data, device)
         for p in self.model.backbone.parameters():
             p.requires_grad_(False)
-        self.model.backbone.eval()
+        set_backbone_bn(self.model.backbone, "eval")
         if self.reinit_head and cfg.classifier.reinit:
             self.model.reset_head()
         self.loss = loss_from_config(cfg.loss, data.class_counts).to(device)
@@ -79,7 +96,12 @@ class FrozenBackbone(Method):
         return self.model.backbone
 
     def on_epoch_start(self, epoch: int) -> SamplerChoice:
+        set_backbone_bn(self.model.backbone, self.cfg.classifier.backbone_bn)
         return SamplerChoice(self.cfg.classifier.sampler or self.default_sampler)
+
+    def prepare_eval(self, ctx) -> None:
+        if self.cfg.classifier.backbone_bn == "train":
+            average_bn_stats(self.model.backbone)
 
     @torch.no_grad()
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -93,3 +115,18 @@ class FrozenBackbone(Method):
         with torch.no_grad():
             acc = (logits.argmax(1) == labels).float().mean() * 100
         return loss, {"loss": loss.detach(), "acc": acc}
+
+
+def set_backbone_bn(backbone: torch.nn.Module, mode: str) -> None:
+    """'eval': the frozen backbone normalises with its stored statistics; 'train': with each
+    batch's, updating the running statistics (parameters stay frozen either way)."""
+    backbone.train(mode == "train")
+
+
+def average_bn_stats(module: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over the ranks (each rank's followed its own
+    batches), so that every rank evaluates, and saves, the same model."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(dist_utils.all_reduce_mean(m.running_mean))
+            m.running_var.copy_(dist_utils.all_reduce_mean(m.running_var))

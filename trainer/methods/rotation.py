@@ -17,7 +17,7 @@ class Rotation(SelfSupervised):
     def build_model(self):
         return create_model(self.cfg.model.name, num_classes=4,
                             in_channels=self.data.in_channels, head="linear",
-                            **self.model_kwargs())
+                            head_init=self.cfg.model.head_init, **self.model_kwargs())
 
     def training_step(self, model, batch, ctx):
         images = batch.images      # labels are never used

@@ -22,7 +22,7 @@ class SupervisedBase(Method):
     def build_model(self):
         return create_model(self.cfg.model.name, num_classes=self.data.num_classes,
                             in_channels=self.data.in_channels, head=self.cfg.model.head,
-                            **self.model_kwargs())
+                            head_init=self.cfg.model.head_init, **self.model_kwargs())
 
     def __init__(self, cfg, data, device, pool=None):
         super().__init__(cfg, data, device, pool)

@@ -1,6 +1,7 @@
 """tau-normalization: divide each class's classifier weights by their norm to the power tau
 (tau = 0: unchanged, 1: all classes equal norm). No training; tau is chosen on a held-out split
-(balanced accuracy), as in Kang et al. 2020."""
+(balanced accuracy), as in Kang et al. 2020. classifier-balancing's tau_norm.py drops the
+classifier bias and tries tau = 0, 0.1, ..., 2 (tau_norm.bias: false; the default grid)."""
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,18 @@ from .registry import register
 from .classifier_base import FrozenBackbone
 
 
+TAU_GRID = [round(0.1 * i, 1) for i in range(21)]   # np.linspace(0, 2, 21), the reference's
+
+
 def tau_normalized(weight: torch.Tensor, tau: float) -> torch.Tensor:
     return weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12) ** tau
+
+
+def tau_logits(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               tau: float) -> torch.Tensor:
+    """feats @ tau_normalized(W).T (+ b unless bias is None), in float32."""
+    out = feats.float() @ tau_normalized(weight.float(), tau).T
+    return out if bias is None else out + bias.float()
 
 
 @register
@@ -30,8 +41,10 @@ class TauNorm(FrozenBackbone):
     config = {"tau_norm": {
         "tau": spec.F("float", None, nullable=True, ge=0,
                       help="null = choose on tau_norm.split"),
-        "grid": spec.F("list", [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0],
-                       item="float", ge=0),
+        "grid": spec.F("list", TAU_GRID, item="float", ge=0,
+                       help="taus tried (default 0, 0.1, ..., 2 as classifier-balancing)"),
+        "bias": spec.F("bool", True, help="keep the classifier's bias (false: drop it, as "
+                                          "classifier-balancing's tau_norm.py)"),
         "split": spec.F("str", "val", "val", "test", "train",
                         help="split that chooses tau (val; 'test' only to reproduce oracles)"),
     }}
@@ -50,7 +63,7 @@ class TauNorm(FrozenBackbone):
 
     def logits(self, feats: torch.Tensor, tau: float) -> torch.Tensor:
         fc = self.model.head.fc
-        return feats.float() @ tau_normalized(fc.weight.float(), tau).T + fc.bias.float()
+        return tau_logits(feats, fc.weight, fc.bias if self.cfg.tau_norm.bias else None, tau)
 
     def prepare_eval(self, trainer) -> None:
         if self.tau is not None:
@@ -81,6 +94,8 @@ class TauNorm(FrozenBackbone):
         model = copy.deepcopy(self.model)
         w = model.head.fc.weight
         w.data.copy_(tau_normalized(w.data, self.tau))
+        if not self.cfg.tau_norm.bias:
+            model.head.fc.bias.data.zero_()
         return model
 
     def summary(self) -> dict:
