@@ -8,7 +8,8 @@ A spec is `ACTION:POINT:N[:STAGE]`:
           eval   during the N-th evaluation of this process, after its record was written
           save   during the N-th save of checkpoint_last.pt, half-way through writing it
           final  in the N-th finish(), after model_final.pt and before results.json
-          chunk  after the N-th feature-bank chunk this process wrote (trainer/feature_bank.py)
+          chunk  after the N-th chunk file this process wrote (trainer/extraction.py: feature
+                 banks, pseudo-label rows)
   STAGE   only in the run folder of this name (a pipeline stage), else anywhere.
 Installed in a child process by the test, or at interpreter start by tests/plugins/
 sitecustomize.py from the environment (LTT_TEST_KILL=spec, or LTT_KILL_AT_STEP=N for
@@ -76,14 +77,14 @@ def install(spec: str):
             return original(obj, path)
         ckpt.atomic_save = atomic_save
     elif point == "chunk":
-        from trainer import feature_bank
-        original = feature_bank._save_chunk
+        from trainer import extraction
+        original = extraction._save_chunk
 
         def save_chunk(path, *args, **kw):
             original(path, *args, **kw)
             if hit(path):
                 _act(action)
-        feature_bank._save_chunk = save_chunk
+        extraction._save_chunk = save_chunk
     elif point == "final":
         original = engine.plot_per_class_accuracy
 

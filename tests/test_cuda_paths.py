@@ -71,7 +71,7 @@ def test_moco_logits_are_float32_under_bf16_autocast():
 
 
 def test_knn_scores_are_float32_under_bf16_autocast():
-    from trainer.methods.ssl_base import knn_scores
+    from trainer.knn import scores as knn_scores
 
     torch.manual_seed(0)
     query = F.normalize(torch.randn(5, 16), dim=1)
@@ -135,7 +135,7 @@ def _fake_faiss(calls):
 
 
 def test_faiss_gpu_index_goes_to_this_process_device(monkeypatch):
-    from trainer.feature_bank import build_index
+    from trainer.banks.search import build_index
 
     calls = []
     monkeypatch.setitem(sys.modules, "faiss", _fake_faiss(calls))

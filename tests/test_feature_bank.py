@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from tests.conftest import KILL_PLUGINS, ROOT, needs_fmnist
-from trainer import feature_bank as fb
+from trainer.banks import analysis as bank_analysis
+from trainer.banks import extract as bank_extract
+from trainer.banks import files as bank_files
+from trainer.banks import runs as bank_runs
+from trainer.banks import search as bank_search
 
 needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None,
                                  reason="faiss not installed: pip install faiss-cpu")
@@ -51,21 +55,21 @@ def tiny_run(tmp_path_factory, small_test_list):
 def default_bank(run):
     """Where `--run` commands look for the test bank: tests that extract it there spare the
     later ones an extraction."""
-    return fb.run_bank_path(run, "test", "features", os.path.join(run, "model_final.pt"))
+    return bank_extract.run_bank_path(run, "test", "features", os.path.join(run, "model_final.pt"))
 
 
 def direct_forward(run_dir, split="test"):
     """Features and logits of the whole split in one batch; also checks that a hooked
     module ("backbone") gives the same features as .features()."""
-    run = fb.load_run_model(run_dir)
-    ds, _ = fb.open_split(run.cfg.data, split)
+    run = bank_runs.load_run_model(run_dir)
+    ds, _ = bank_runs.open_split(run.cfg.data, split)
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     with torch.no_grad():
         feats, logits = run.model.features(images).numpy(), run.model(images).numpy()
-    np.testing.assert_allclose(fb.feature_fn(run, "backbone")(images[:20]).numpy(), feats[:20],
+    np.testing.assert_allclose(bank_runs.feature_fn(run, "backbone")(images[:20]).numpy(), feats[:20],
                                rtol=1e-4, atol=1e-5)
-    with pytest.raises(fb.BankError, match="not in the model"):
-        fb.feature_fn(run, "no.such.layer")
+    with pytest.raises(bank_files.BankError, match="not in the model"):
+        bank_runs.feature_fn(run, "no.such.layer")
     return feats, logits, ds.labels
 
 
@@ -73,9 +77,9 @@ def direct_forward(run_dir, split="test"):
 
 @needs_fmnist
 def test_extraction_equals_direct_forward(tiny_run, tmp_path):
-    out = fb.extract_run(tiny_run, default_bank(tiny_run), split="test", chunk_size=64,
+    out = bank_extract.extract_run(tiny_run, default_bank(tiny_run), split="test", chunk_size=64,
                          batch_size=50, progress=False)
-    bank = fb.load_bank(out)
+    bank = bank_files.load_bank(out)
     feats, logits, labels = direct_forward(tiny_run)
     np.testing.assert_allclose(bank.features, feats, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(bank.labels, labels)
@@ -87,9 +91,9 @@ def test_extraction_equals_direct_forward(tiny_run, tmp_path):
     assert h["dataset"]["split"] == "test" and h["dataset"]["list"].endswith("test300.txt")
     assert h["label_counts"] == [30] * 10
     assert h["train_class_counts"] == [100, 77, 59, 46, 35, 27, 21, 16, 12, 10]
-    assert not os.path.exists(os.path.join(out, fb.PARTIAL))
+    assert not os.path.exists(os.path.join(out, bank_files.PARTIAL))
 
-    half = fb.load_bank(fb.extract_run(tiny_run, str(tmp_path / "l"), layer="logits",
+    half = bank_files.load_bank(bank_extract.extract_run(tiny_run, str(tmp_path / "l"), layer="logits",
                                        dtype="float16", progress=False))
     assert half.features.dtype == np.float16
     np.testing.assert_allclose(half.features.astype(np.float32), logits, rtol=1e-2, atol=1e-2)
@@ -102,30 +106,30 @@ def test_killed_extraction_resumes_to_same_bank(tiny_run, tmp_path, monkeypatch)
     uninterrupted extraction."""
     from torch.multiprocessing import ProcessExitedException
 
-    ref = fb.load_bank(fb.extract_run(tiny_run, default_bank(tiny_run), progress=False))
+    ref = bank_files.load_bank(bank_extract.extract_run(tiny_run, default_bank(tiny_run), progress=False))
     out = str(tmp_path / "killed")
     monkeypatch.setenv("LTT_TEST_KILL", "kill:chunk:2")            # tests/kill_points.py
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([KILL_PLUGINS, ROOT]))
     with pytest.raises(ProcessExitedException, match="signal SIGKILL"):
-        fb.extract_run_ddp(2, run_dir=tiny_run, out=out, chunk_size=64, progress=False)
+        bank_extract.extract_run_ddp(2, run_dir=tiny_run, out=out, chunk_size=64, progress=False)
     monkeypatch.delenv("LTT_TEST_KILL")
-    files = set(os.listdir(os.path.join(out, fb.PARTIAL)))
-    assert {"chunk_000000.npz", "chunk_000002.npz", fb.MANIFEST} <= files
+    files = set(os.listdir(os.path.join(out, bank_files.PARTIAL)))
+    assert {"chunk_000000.npz", "chunk_000002.npz", bank_extract.MANIFEST} <= files
     assert "chunk_000004.npz" not in files and len(files) <= 5
-    with pytest.raises(fb.BankError, match="missing header.*unfinished extraction"):
-        fb.load_bank(out)
-    with pytest.raises(fb.BankError, match="partial bank of another extraction.*layer"):
-        fb.extract_run(tiny_run, out, layer="logits", chunk_size=64, progress=False)
+    with pytest.raises(bank_files.BankError, match="missing header.*unfinished extraction"):
+        bank_files.load_bank(out)
+    with pytest.raises(bank_files.BankError, match="partial bank of another extraction.*layer"):
+        bank_extract.extract_run(tiny_run, out, layer="logits", chunk_size=64, progress=False)
 
-    fb.extract_run(tiny_run, out, chunk_size=64, progress=False)
-    bank = fb.load_bank(out)
+    bank_extract.extract_run(tiny_run, out, chunk_size=64, progress=False)
+    bank = bank_files.load_bank(out)
     np.testing.assert_allclose(bank.features, ref.features, rtol=1e-5, atol=1e-6)
     for name in ("labels", "indices", "paths"):
         np.testing.assert_array_equal(getattr(bank, name), getattr(ref, name))
-    assert not os.path.exists(os.path.join(out, fb.PARTIAL))
-    with pytest.raises(fb.BankError, match="already holds a complete bank that differs"):
-        fb.extract_run(tiny_run, out, chunk_size=64, dtype="float16", progress=False)
-    assert fb.extract_run(tiny_run, out, chunk_size=32, progress=False) == out  # no-op
+    assert not os.path.exists(os.path.join(out, bank_files.PARTIAL))
+    with pytest.raises(bank_files.BankError, match="already holds a complete bank that differs"):
+        bank_extract.extract_run(tiny_run, out, chunk_size=64, dtype="float16", progress=False)
+    assert bank_extract.extract_run(tiny_run, out, chunk_size=32, progress=False) == out  # no-op
 
 
 # ============================================================================ bank format
@@ -136,38 +140,38 @@ def synthetic(path, n=200, d=16, classes=5, seed=0, counts=None, dtype=np.float3
     labels = rng.integers(0, classes, n)
     feats = (centres[labels] + spread * rng.standard_normal((n, d))).astype(dtype)
     header = {"train_class_counts": counts} if counts else {}
-    return fb.write_bank(str(path), feats, labels, header, num_classes=classes)
+    return bank_files.write_bank(str(path), feats, labels, header, num_classes=classes)
 
 
 def test_bad_banks_fail_clearly(tmp_path):
     path = synthetic(tmp_path / "b")
-    assert len(fb.load_bank(path)) == 200
+    assert len(bank_files.load_bank(path)) == 200
     np.save(os.path.join(path, "labels.npy"), np.zeros(150, dtype=np.int64))
-    with pytest.raises(fb.BankError, match=r"labels.npy: shape \(150,\) does not match the "
+    with pytest.raises(bank_files.BankError, match=r"labels.npy: shape \(150,\) does not match the "
                                            r"header \(count=200"):
-        fb.load_bank(path)
+        bank_files.load_bank(path)
     path = synthetic(tmp_path / "c")
     np.save(os.path.join(path, "features.npy"), np.zeros((200, 8), dtype=np.float32))
-    with pytest.raises(fb.BankError, match=r"features.npy: shape \(200, 8\)"):
-        fb.load_bank(path)
+    with pytest.raises(bank_files.BankError, match=r"features.npy: shape \(200, 8\)"):
+        bank_files.load_bank(path)
     path = synthetic(tmp_path / "d")
     np.save(os.path.join(path, "paths.npy"), np.array([{"a": 1}] * 200), allow_pickle=True)
-    with pytest.raises(fb.BankError, match="cannot be read as a plain .npy"):
-        fb.load_bank(path)
-    os.remove(os.path.join(path, fb.HEADER))
-    with pytest.raises(fb.BankError, match="missing header header.json"):
-        fb.load_bank(path)
+    with pytest.raises(bank_files.BankError, match="cannot be read as a plain .npy"):
+        bank_files.load_bank(path)
+    os.remove(os.path.join(path, bank_files.HEADER))
+    with pytest.raises(bank_files.BankError, match="missing header header.json"):
+        bank_files.load_bank(path)
     path = synthetic(tmp_path / "e")
-    header = json.load(open(os.path.join(path, fb.HEADER)))
+    header = json.load(open(os.path.join(path, bank_files.HEADER)))
     del header["dim"]
-    json.dump(header, open(os.path.join(path, fb.HEADER), "w"))
-    with pytest.raises(fb.BankError, match="header lacks dim"):
-        fb.load_bank(path)
-    a, b = fb.load_bank(synthetic(tmp_path / "f")), fb.load_bank(synthetic(tmp_path / "g", d=8))
-    with pytest.raises(fb.BankError, match="different models or layers"):
-        fb.check_compatible(a, b)
+    json.dump(header, open(os.path.join(path, bank_files.HEADER), "w"))
+    with pytest.raises(bank_files.BankError, match="header lacks dim"):
+        bank_files.load_bank(path)
+    a, b = bank_files.load_bank(synthetic(tmp_path / "f")), bank_files.load_bank(synthetic(tmp_path / "g", d=8))
+    with pytest.raises(bank_files.BankError, match="different models or layers"):
+        bank_files.check_compatible(a, b)
     with pytest.raises(ImportError, match="pip install not-a-package"):
-        fb.require("not_a_module_xyz", "not-a-package")
+        bank_search.require("not_a_module_xyz", "not-a-package")
 
 
 # ============================================================================ kNN
@@ -196,24 +200,24 @@ def accuracies(pred, y, classes, groups):
 def test_knn_equals_numpy_brute_force(tmp_path):
     counts = [500, 150, 60, 30, 10]  # many {0, 1}, medium {2, 3}, few {4}
     groups = {"many": [0, 1], "medium": [2, 3], "few": [4]}
-    ref = fb.load_bank(synthetic(tmp_path / "r", n=400, counts=counts))
-    query = fb.load_bank(synthetic(tmp_path / "q", n=150, seed=1, dtype=np.float16,
+    ref = bank_files.load_bank(synthetic(tmp_path / "r", n=400, counts=counts))
+    query = bank_files.load_bank(synthetic(tmp_path / "q", n=150, seed=1, dtype=np.float16,
                                    counts=counts))
     for k, t in ((1, 0.07), (7, 0.1), (25, 1.0)):
-        got = fb.knn_evaluate(query, ref, k=k, temperature=t)
+        got = bank_search.knn_evaluate(query, ref, k=k, temperature=t)
         pred = numpy_knn(np.asarray(query.features, np.float32), ref.features, ref.labels, k,
                          t, 5)
         want = accuracies(pred, query.labels, 5, groups)
         for key, v in want.items():
             assert got[key] == pytest.approx(v), (k, key)
-    loo = fb.knn_evaluate(ref, ref, k=5, temperature=0.1)
+    loo = bank_search.knn_evaluate(ref, ref, k=5, temperature=0.1)
     pred = numpy_knn(ref.features, ref.features, ref.labels, 5, 0.1, 5, loo=True)
     assert loo["leave_one_out"] and loo["top1"] == pytest.approx(100 * np.mean(pred == ref.labels))
 
-    exact = fb.knn_evaluate(query, ref, k=7, temperature=0.1)
-    ivf_all = fb.knn_evaluate(query, ref, k=7, temperature=0.1, index="ivf", nlist=4, nprobe=4)
+    exact = bank_search.knn_evaluate(query, ref, k=7, temperature=0.1)
+    ivf_all = bank_search.knn_evaluate(query, ref, k=7, temperature=0.1, index="ivf", nlist=4, nprobe=4)
     assert ivf_all["recall"] == 1.0 and ivf_all["top1"] == exact["top1"]
-    ivf_one = fb.knn_evaluate(query, ref, k=7, temperature=0.1, index="ivf", nlist=8, nprobe=1)
+    ivf_one = bank_search.knn_evaluate(query, ref, k=7, temperature=0.1, index="ivf", nlist=8, nprobe=1)
     assert 0.0 < ivf_one["recall"] <= 1.0 and ivf_one["nprobe"] == 1
 
 
@@ -221,9 +225,9 @@ def test_knn_vote_weights_by_temperature():
     sims = np.array([[0.9, 0.5, 0.5]])
     ids = np.array([[0, 1, 2]])
     labels = np.array([0, 1, 1])
-    assert fb.knn_vote(sims, ids, labels, 2, temperature=0.05)[0] == 0  # one close neighbour
-    assert fb.knn_vote(sims, ids, labels, 2, temperature=10.0)[0] == 1  # two far ones
-    assert fb.knn_vote(sims, np.array([[-1, 1, 2]]), labels, 2, 0.05)[0] == 1  # -1: no vote
+    assert bank_search.knn_vote(sims, ids, labels, 2, temperature=0.05)[0] == 0  # one close neighbour
+    assert bank_search.knn_vote(sims, ids, labels, 2, temperature=10.0)[0] == 1  # two far ones
+    assert bank_search.knn_vote(sims, np.array([[-1, 1, 2]]), labels, 2, 0.05)[0] == 1  # -1: no vote
 
 
 # ============================================================================ leakage
@@ -241,11 +245,11 @@ def test_leakage_report_on_constructed_data(tmp_path):
     q_labels = [2] * 10 + [3] * 10
     q = np.concatenate([noisy(centre[0], 3), noisy(centre[2], 7), noisy(centre[3], 10)])
     counts = {"train_class_counts": [200, 150, 10, 5]}  # many {0, 1}, few {2, 3}
-    r_bank = fb.load_bank(fb.write_bank(str(tmp_path / "r"), ref.astype(np.float32),
+    r_bank = bank_files.load_bank(bank_files.write_bank(str(tmp_path / "r"), ref.astype(np.float32),
                                         ref_labels, counts))
-    q_bank = fb.load_bank(fb.write_bank(str(tmp_path / "q"), q.astype(np.float32), q_labels,
+    q_bank = bank_files.load_bank(bank_files.write_bank(str(tmp_path / "q"), q.astype(np.float32), q_labels,
                                         counts, num_classes=4))
-    rep = fb.leakage_report(q_bank, r_bank, k=5)
+    rep = bank_analysis.leakage_report(q_bank, r_bank, k=5)
     assert rep["head"] == [0, 1] and rep["tail"] == [2, 3] and "many-shot" in rep["rule"]
     c2, c3 = rep["per_class"][2], rep["per_class"][3]
     assert c2["samples"] == 10 and c2["leaked_share"] == pytest.approx(0.3)
@@ -259,8 +263,8 @@ def test_leakage_report_on_constructed_data(tmp_path):
     assert dist[2, 0] == pytest.approx(1.0, abs=1e-3) and dist[0, 1] == pytest.approx(1, abs=1e-3)
     assert c2["nearest_head_class"] == 1
     assert c3["query_to_own_centroid"] == pytest.approx(0, abs=1e-4)
-    assert fb.head_tail_classes([50, 40, 30, 25, 21, 20])[2] == "most / least frequent third"
-    assert fb.head_tail_classes([50, 40, 30, 25, 21, 20])[:2] == ([0, 1], [4, 5])
+    assert bank_analysis.head_tail_classes([50, 40, 30, 25, 21, 20])[2] == "most / least frequent third"
+    assert bank_analysis.head_tail_classes([50, 40, 30, 25, 21, 20])[:2] == ([0, 1], [4, 5])
 
 
 # ============================================================================ inspect, CLI
@@ -285,7 +289,7 @@ def test_cli_on_a_run_folder(tiny_run, tmp_path, capsys):
     png = str(tmp_path / "w.png")
     assert tool.main(["inspect", "weights", "--run", tiny_run, "--out", png]) == 0
     state = torch.load(os.path.join(tiny_run, "model_final.pt"), weights_only=True)
-    norms, key = fb.classifier_weight_norms(state)
+    norms, key = bank_analysis.classifier_weight_norms(state)
     assert key == "head.fc.weight"
     np.testing.assert_allclose(norms, state[key].norm(dim=1).numpy(), rtol=1e-6)
     assert open(png, "rb").read(4) == b"\x89PNG"

@@ -20,11 +20,6 @@ PACKAGES = {"trainer": "trainer", "data_pipelines": "data_pipelines", "configspe
 # with its owner in a comment. Shrinking: an entry whose import is gone fails
 # test_allowed_edges_still_exist; delete it then.
 ALLOWED = {
-    # H1 (one extraction service, issue 17 item 2): pseudo_labels.py extracts through
-    # feature_bank.py, which imports trainer.methods (and trainer.config) back; every cycle
-    # through feature_bank -> methods -> pseudo_label -> pseudo_labels closes with this edge.
-    # Gone in H1's uncommitted work: delete this entry with H1's commit.
-    "trainer.pseudo_labels -> trainer.feature_bank",
 }
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from trainer import distributed as dist_utils
 from trainer.engine import Trainer
-from trainer.methods.ssl_base import knn_scores
+from trainer.knn import scores as knn_scores
 
 N_BANK, N_QUERY, DIM, CLASSES, T = 37, 23, 8, 5, 0.1
 SKIPPED = (4, 9, 17)            # eval items a loader dropped (data.on_bad_image: skip)
@@ -117,6 +117,8 @@ def test_monitor_bank_is_stored_in_blocks_of_its_dtype_and_scores_as_before():
     # which exp(sim / 0.1) turns into ~1 % on a weight
     for dtype, tol in (("float32", 1e-5), ("float16", 2e-2)):
         method = SelfSupervised.__new__(SelfSupervised)
+        if isinstance(method, nn.Module):   # methods are modules (issue 17)
+            nn.Module.__init__(method)
         method.model, method.data = model, SimpleNamespace(num_classes=CLASSES)
         method.cfg = SimpleNamespace(knn=SimpleNamespace(k=6, t=T, bank_dtype=dtype))
         method.bank_block = 10

@@ -163,7 +163,7 @@ def test_pipeline_shows_stage_position_eta_and_where_results_are(tiny, tmp_path,
     assert "stage 2/2 (second)" in (tmp_path / "p" / "second" / "run.log").read_text()
 
 
-def test_pseudo_labels_place_rows_by_dataset_index_when_images_were_skipped():
+def test_pseudo_labels_place_rows_by_dataset_index_when_images_were_skipped(tmp_path):
     """With data.on_bad_image: skip the pool pass returns only the images read, with their
     dataset indices: row i must still label pool image i, and an unread image is never
     selected (it used to shift every later label by one row)."""
@@ -172,17 +172,18 @@ def test_pseudo_labels_place_rows_by_dataset_index_when_images_were_skipped():
     logits = torch.nn.functional.one_hot(torch.arange(n) % c, c).float() * 5
     kept = torch.tensor([i for i in range(n) if i not in skipped])
 
-    def embed(split, fn, gather=True, indices=False):
-        assert split == POOL_SPLIT and indices
-        return fn(kept), kept % c, kept
+    def embed(split, fn, gather=True, indices=False, on_batch=None):
+        assert split == POOL_SPLIT and indices and not gather
+        on_batch(fn(kept), kept % c, kept)     # this rank's rows go to the extraction service
+        return fn(kept[:0]), kept[:0], kept[:0]
     lines = []
     me = SimpleNamespace(
         report=None, model=lambda idx: logits[idx], data=SimpleNamespace(num_classes=c),
         cfg=SimpleNamespace(semi=SimpleNamespace(threshold=0.0, top_k=0, save_probs=True),
                             model=SimpleNamespace(init="stage1")),
         pool=SimpleNamespace(hidden=np.arange(n) % c, fingerprint="fp", summary=lambda: {}))
-    trainer = SimpleNamespace(embed=embed, info=SimpleNamespace(is_main=False),
-                              log=SimpleNamespace(info=lines.append))
+    trainer = SimpleNamespace(embed=embed, info=SimpleNamespace(is_main=True, rank=0),
+                              log=SimpleNamespace(info=lines.append), run_dir=str(tmp_path))
     PseudoLabel.prepare_eval(me, trainer)
     rep = me.report
     assert rep["count"] == n and rep["selected"] == n - len(skipped)

@@ -339,7 +339,8 @@ def test_three_stage_pipeline_labels_pseudo_labels_both(tiny, tmp_path):
     assert res["pseudo"]["balanced_error"] == res["labels"]["balanced_error"]   # same model
     # the command-line tool on the same checkpoint: the same labels
     out = tmp_path / "cli.npz"
-    report = pseudo_labels.label_run(by["labels"].run_dir, str(out), progress=False)
+    from trainer.banks.label_pool import label_run
+    report = label_run(by["labels"].run_dir, str(out), progress=False)
     cli = pseudo_labels.load(str(out))
     assert np.array_equal(cli.labels, pl.labels) and report == pseudo_labels.accuracy_report(cli)
     assert np.allclose(cli.confidence, pl.confidence, atol=1e-5)

@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import needs_fmnist
-from trainer import feature_bank as fb
+from trainer.banks import analysis as bank_analysis
+from trainer.banks import extract as bank_extract
+from trainer.banks import files as bank_files
+from trainer.banks import search as bank_search
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("faiss") is None or importlib.util.find_spec("openTSNE") is None,
@@ -40,7 +43,7 @@ def bank(path, n, seed, counts):
     labels = rng.choice(len(counts), n, p=np.array(counts) / sum(counts))
     centres = np.random.default_rng(0).standard_normal((len(counts), 32)) * 3
     feats = (centres[labels] + rng.standard_normal((n, 32))).astype(np.float32)
-    return fb.write_bank(str(path), feats, labels, {"train_class_counts": counts},
+    return bank_files.write_bank(str(path), feats, labels, {"train_class_counts": counts},
                          num_classes=len(counts))
 
 
@@ -78,7 +81,10 @@ def test_compare_two_run_folders(tmp_path, small_test_list, capsys):
 def test_inspect_pair_reports_knn_leakage_and_tsne(tmp_path, small_test_list):
     from tests.test_feature_bank import make_run
     from ltrainer.tools import inspect_pair
-    from trainer import feature_bank as fb
+    from trainer.banks import analysis as bank_analysis
+    from trainer.banks import extract as bank_extract
+    from trainer.banks import files as bank_files
+    from trainer.banks import search as bank_search
 
     a = make_run(tmp_path / "ce", small_test_list, seed=0, model="mlp")
     b = make_run(tmp_path / "ssp", small_test_list, seed=1, model="mlp")
@@ -86,9 +92,9 @@ def test_inspect_pair_reports_knn_leakage_and_tsne(tmp_path, small_test_list):
     assert inspect_pair.main([a, b, "--names", "CE", "CE + SSP", "--out", out,
                               "--max-points", "150", "--tsne", *FAST]) == 0
     text = open(out + ".md").read()
-    knn = fb.knn_evaluate(fb.run_bank(b, "test"), fb.run_bank(b, "train"), k=20)
+    knn = bank_search.knn_evaluate(bank_extract.run_bank(b, "test"), bank_extract.run_bank(b, "train"), k=20)
     assert f"| CE + SSP | {knn['top1']:.2f} | {knn['balanced_top1']:.2f} |" in text
-    leak = fb.leakage_report(fb.run_bank(a, "test"), fb.run_bank(a, "train"), k=10)
+    leak = bank_analysis.leakage_report(bank_extract.run_bank(a, "test"), bank_extract.run_bank(a, "train"), k=10)
     first_tail = next(iter(leak["per_class"].values()))
     assert f"| CE | {100 * first_tail['leaked_share']:.1f} / " in text
     assert open(out + "_tsne.png", "rb").read(4) == b"\x89PNG"

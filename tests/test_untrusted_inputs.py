@@ -11,7 +11,8 @@ import torch
 
 from data_pipelines.sources import DataError
 from tests.conftest import ROOT, needs_fmnist, run_cli
-from trainer import feature_bank as fb
+from trainer.banks import files as bank_files
+from trainer.banks import runs as bank_runs
 from trainer import pseudo_labels
 from trainer.models import create_model
 from trainer.transfer import load_pretrained
@@ -148,7 +149,7 @@ def test_dry_run_refuses_a_bad_pseudo_label_file(tmp_path, capsys):
 
 def bank(path, n=60, d=8, classes=5, dtype=np.float32):
     rng = np.random.default_rng(0)
-    return fb.write_bank(str(path), rng.standard_normal((n, d)).astype(dtype),
+    return bank_files.write_bank(str(path), rng.standard_normal((n, d)).astype(dtype),
                          rng.integers(0, classes, n), num_classes=classes)
 
 
@@ -177,26 +178,26 @@ def test_finite_check_reads_a_memory_mapped_bank_in_blocks(tmp_path, monkeypatch
     feats[57, 0] = bad
     np.save(os.path.join(path, "features.npy"), feats)
     monkeypatch.setattr(validation, "CHUNK_BYTES", 4 * 8 * np.dtype(dtype).itemsize)
-    with pytest.raises(fb.BankError, match=rf"row 57, column 0 holds {bad} \(1 bad values in "
+    with pytest.raises(bank_files.BankError, match=rf"row 57, column 0 holds {bad} \(1 bad values in "
                                            r"rows 56..59\)"):
-        fb.load_bank(path, mmap=True)
+        bank_files.load_bank(path, mmap=True)
 
 
 def test_bank_with_float_labels_is_refused(tmp_path):
     path = bank(tmp_path / "b")
     np.save(os.path.join(path, "labels.npy"), np.linspace(0, 4, 60))
-    with pytest.raises(fb.BankError, match="expected integer class labels, got dtype float64") as e:
-        fb.load_bank(path)
+    with pytest.raises(bank_files.BankError, match="expected integer class labels, got dtype float64") as e:
+        bank_files.load_bank(path)
     one_line(e, os.path.join(path, "labels.npy"))
 
 
 def test_bank_header_with_wrong_types_is_refused(tmp_path):
     path = bank(tmp_path / "b")
-    hpath = os.path.join(path, fb.HEADER)
+    hpath = os.path.join(path, bank_files.HEADER)
     header = json.load(open(hpath))
     json.dump({**header, "num_classes": "5"}, open(hpath, "w"))
-    with pytest.raises(fb.BankError, match="num_classes = '5'") as e:
-        fb.load_bank(path)
+    with pytest.raises(bank_files.BankError, match="num_classes = '5'") as e:
+        bank_files.load_bank(path)
     one_line(e, hpath)
 
 
@@ -217,7 +218,7 @@ def test_nan_checkpoint_is_refused_naming_the_file_and_key(tmp_path):
         load_pretrained(create_model("resnet8", 10), path)
     one_line(e, path)
     with pytest.raises(DataError, match=rf"tensor '{key}'"):   # tools read weights the same way
-        fb.load_model_state(path)
+        bank_runs.load_model_state(path)
 
 
 @needs_fmnist
@@ -254,7 +255,7 @@ def test_unfinished_run_folder_is_refused_unless_its_checkpoint_is_named(tmp_pat
     assert all(torch.equal(v, state[f"backbone.{k}"])
                for k, v in model.backbone.state_dict().items())
     with pytest.raises(DataError, match=re.escape(f"pass --checkpoint={last}")):  # tools alike
-        fb.default_checkpoint(run_dir)
+        bank_runs.default_checkpoint(run_dir)
 
 
 @needs_fmnist

@@ -23,7 +23,7 @@ import time
 import numpy as np  # noqa: E402
 
 from ltrainer.tools.tsne import embed  # noqa: E402
-from trainer import feature_bank as fb  # noqa: E402
+from trainer.banks import search as bank_search  # noqa: E402
 
 FULL = {"knn": ["100000x512", "1000000x128"], "tsne": [10000, 50000], "queries": 1000}
 QUICK = {"knn": ["20000x512", "200000x128"], "tsne": [2000], "queries": 500}  # ~2 min
@@ -40,7 +40,7 @@ def clustered(n: int, d: int, classes: int = 100, seed: int = 0, spread: float =
     for a in range(0, n, 100000):
         b = min(n, a + 100000)
         x[a:b] = centres[labels[a:b]] + spread * rng.standard_normal((b - a, d), dtype=np.float32)
-    return fb.normalized(x), labels
+    return bank_search.normalized(x), labels
 
 
 def timed(fn):
@@ -69,25 +69,25 @@ def bench_knn(n: int, d: int, queries: int, k: int, seed: int) -> list[dict]:
     r, _ = clustered(n, d, seed=seed)
     q, _ = clustered(queries, d, seed=seed, draw=1)
     task = f"kNN {n:,} x {d}, {queries} queries, k={k}"
-    exact, build = timed(lambda: fb.build_index(r, "flat", device="cpu"))
+    exact, build = timed(lambda: bank_search.build_index(r, "flat", device="cpu"))
     (_, ex_ids), search = timed(lambda: exact.search(q, k))
     rows = [{"task": task, "method": "faiss exact (flat)", "build s": build, "run s": search,
              "recall": 1.0}]
-    ivf, build = timed(lambda: fb.build_index(r, "ivf", nprobe=16, device="cpu", seed=seed))
+    ivf, build = timed(lambda: bank_search.build_index(r, "ivf", nprobe=16, device="cpu", seed=seed))
     (_, ivf_ids), search = timed(lambda: ivf.search(q, k))
     rows.append({"task": task, "method": f"faiss IVF (nlist {ivf.nlist}, nprobe {ivf.nprobe})",
-                 "build s": build, "run s": search, "recall": fb.recall_at_k(ivf_ids, ex_ids)})
+                 "build s": build, "run s": search, "recall": bank_search.recall_at_k(ivf_ids, ex_ids)})
     (_, t_ids), search = timed(lambda: torch_knn(q, r, k))
     rows.append({"task": task, "method": "torch brute force", "build s": 0.0, "run s": search,
-                 "recall": fb.recall_at_k(t_ids, ex_ids)})
+                 "recall": bank_search.recall_at_k(t_ids, ex_ids)})
     return rows
 
 
 def knn2d_accuracy(y2: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
     """Leave-one-out majority-vote accuracy of the k nearest points in the 2-D map."""
-    index = fb.build_index(np.ascontiguousarray(y2, dtype=np.float32), "flat", metric="l2",
+    index = bank_search.build_index(np.ascontiguousarray(y2, dtype=np.float32), "flat", metric="l2",
                            device="cpu")
-    _, ids = fb.search_excluding_self(index, np.ascontiguousarray(y2, dtype=np.float32), k,
+    _, ids = bank_search.search_excluding_self(index, np.ascontiguousarray(y2, dtype=np.float32), k,
                                       np.arange(len(y2)))
     votes = np.apply_along_axis(np.bincount, 1, labels[ids], minlength=labels.max() + 1)
     return float(np.mean(votes.argmax(1) == labels))
@@ -102,7 +102,7 @@ def bench_tsne(n: int, iters: int, jobs: int, seed: int, sklearn_max: int) -> li
     if n > sklearn_max:
         rows.append({"task": task, "method": f"scikit-learn TSNE: skipped (n > {sklearn_max})"})
         return rows
-    manifold = fb.require("sklearn.manifold", "scikit-learn")
+    manifold = bank_search.require("sklearn.manifold", "scikit-learn")
     sk = manifold.TSNE(n_components=2, perplexity=30, max_iter=iters, init="pca",
                        learning_rate="auto", random_state=seed, n_jobs=jobs)
     y, t = timed(lambda: sk.fit_transform(x))
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.jobs)
-    fb.require("faiss", "faiss-cpu").omp_set_num_threads(args.jobs)
+    bank_search.require("faiss", "faiss-cpu").omp_set_num_threads(args.jobs)
     rows = []
     for spec in knn:
         n, d = (int(v) for v in spec.lower().split("x"))

@@ -234,6 +234,8 @@ def knn_rank(args) -> dict:
                            info=SimpleNamespace(world_size=w, rank=r))
     fake.embed = lambda *a, **k: Trainer.embed(fake, *a, **k)
     method = SelfSupervised.__new__(SelfSupervised)
+    if isinstance(method, torch.nn.Module):   # methods are modules (issue 17)
+        torch.nn.Module.__init__(method)
     method.model = model
     # knn.bank_dtype as configs/inat_moco_crt.yaml sets it (tests/test_knn_monitor.py checks)
     method.cfg = SimpleNamespace(knn=SimpleNamespace(k=20, t=0.1, bank_dtype=KNN_BANK_DTYPE))
@@ -242,6 +244,7 @@ def knn_rank(args) -> dict:
     t0 = time.perf_counter()
     method.prepare_eval(fake)
     embed_s = time.perf_counter() - t0
+    kept_mb = rss_mb() - base   # what the pass leaves held: the bank, not freed batches
     bank_mb = sum(b.element_size() * b.nelement() for b in method.bank) / 2 ** 20
     queries = torch.randn(batch, args.dim)
     t0 = time.perf_counter()
@@ -249,7 +252,7 @@ def knn_rank(args) -> dict:
     query_s = time.perf_counter() - t0
     dist.barrier()
     dist.destroy_process_group()
-    return {"rank": r, "rows": rows, "bank_mb": bank_mb, "embed_s": embed_s,
+    return {"rank": r, "rows": rows, "bank_mb": bank_mb, "embed_s": embed_s, "kept_mb": kept_mb,
             "queries": batch * w, "query_s": query_s, "peak_mb": peak_mb(), "base_mb": base}
 
 

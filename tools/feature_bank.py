@@ -4,7 +4,7 @@ tail-class leakage and classifier weight norms. The work is done in trainer/feat
     python tools/feature_bank.py extract --run RUN [--split test|train] [--list FILE]
         [--layer features|logits|head|MODULE] [--checkpoint FILE] [--dtype float16] [--nproc N]
     python tools/feature_bank.py knn (--run RUN | --query BANK --ref BANK) [--k 20]
-        [--temperature 0.07] [--index flat|ivf] [--nlist N] [--nprobe 16]
+        [--temperature 0.1] [--index flat|ivf] [--nlist N] [--nprobe 16]
     python tools/feature_bank.py inspect neighbors (--run RUN | --query BANK --ref BANK)
         (--sample ROW ... | --class C [--n 4]) [--k 8] [--grid grid.png]
     python tools/feature_bank.py inspect leakage (--run RUN | --query BANK --ref BANK) [--k 10]
@@ -23,7 +23,13 @@ import sys
 
 
 from data_pipelines.sources import DataError  # noqa: E402
-from trainer import feature_bank as fb  # noqa: E402
+from trainer.banks import analysis as bank_analysis  # noqa: E402
+from trainer.banks import extract as bank_extract  # noqa: E402
+from trainer.banks import files as bank_files  # noqa: E402
+from trainer.banks import plots as bank_plots  # noqa: E402
+from trainer.banks import runs as bank_runs  # noqa: E402
+from trainer.banks import search as bank_search  # noqa: E402
+from trainer import knn  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
 
 
@@ -46,32 +52,32 @@ def add_bank_args(p):
     p.add_argument("--ref", help="reference bank folder")
 
 
-def banks(args) -> tuple[fb.Bank, fb.Bank]:
+def banks(args) -> tuple[bank_files.Bank, bank_files.Bank]:
     """(query, reference) from --query/--ref, or from a run folder's test/train banks."""
     if args.run:
         kw = dict(layer=args.layer, checkpoint=args.checkpoint)
-        return fb.run_bank(args.run, args.split, **kw), fb.run_bank(args.run, "train", **kw)
+        return bank_extract.run_bank(args.run, args.split, **kw), bank_extract.run_bank(args.run, "train", **kw)
     if not (args.query and args.ref):
         raise SystemExit("give --run RUN, or both --query BANK and --ref BANK")
-    return fb.load_bank(args.query), fb.load_bank(args.ref)
+    return bank_files.load_bank(args.query), bank_files.load_bank(args.ref)
 
 
 def cmd_extract(args):
-    ckpt = args.checkpoint or fb.default_checkpoint(args.run)
-    out = args.out or fb.run_bank_path(args.run, args.split, args.layer, ckpt, args.list)
-    fb.extract_run_ddp(args.nproc, run_dir=args.run, out=out, split=args.split,
+    ckpt = args.checkpoint or bank_runs.default_checkpoint(args.run)
+    out = args.out or bank_extract.run_bank_path(args.run, args.split, args.layer, ckpt, args.list)
+    bank_extract.extract_run_ddp(args.nproc, run_dir=args.run, out=out, split=args.split,
                        layer=args.layer, checkpoint=ckpt, list_file=args.list,
                        overrides=args.set, dtype=args.dtype, chunk_size=args.chunk_size,
                        batch_size=args.batch_size, workers=args.workers, device=args.device)
     if int(os.environ.get("RANK", "0")) == 0:
-        b = fb.load_bank(out)
+        b = bank_files.load_bank(out)
         print(f"bank {out}: {len(b)} x {b.header['dim']} {b.header['dtype']} "
               f"({b.header['layer']} of {b.header['checkpoint']})")
 
 
 def cmd_knn(args):
     query, ref = banks(args)
-    r = fb.knn_evaluate(query, ref, k=args.k, temperature=args.temperature, index=args.index,
+    r = bank_search.knn_evaluate(query, ref, k=args.k, temperature=args.temperature, index=args.index,
                         nlist=args.nlist, nprobe=args.nprobe, device=args.device,
                         recall_queries=args.recall_queries)
     print(f"kNN (k={r['k']}, T={r['temperature']}, cosine, {r['index']}"
@@ -97,23 +103,23 @@ def cmd_neighbors(args):
             raise SystemExit(f"class {args.cls} has no samples in {query.path}")
     else:
         raise SystemExit("give --sample ROW or --class C")
-    results = fb.nearest_neighbors(query, ref, rows, k=args.k)
+    results = bank_analysis.nearest_neighbors(query, ref, rows, k=args.k)
     for r in results:
         print(f"\nquery row {r['row']} (class {r['label']}): {r['path']}")
         print(table([[i + 1, n["label"], f"{n['distance']:.4g}", n["path"]]
                      for i, n in enumerate(r["neighbors"])],
                     ["rank", "class", "cos dist", "path"]))
     if args.grid:
-        fb.plot_neighbor_grid(results, query, ref, args.grid)
+        bank_plots.plot_neighbor_grid(results, query, ref, args.grid)
         print(f"image grid: {args.grid}")
     dump(args.json, results)
 
 
 def cmd_leakage(args):
     query, ref = banks(args)
-    rep = fb.leakage_report(query, ref, k=args.k, head=args.head, tail=args.tail)
-    print(f"leakage of tail classes (k={rep['k']}; head {fb.describe_ids(rep['head'])}, "
-          f"tail {fb.describe_ids(rep['tail'])}: {rep['rule']}); a sample leaks when more "
+    rep = bank_analysis.leakage_report(query, ref, k=args.k, head=args.head, tail=args.tail)
+    print(f"leakage of tail classes (k={rep['k']}; head {bank_analysis.describe_ids(rep['head'])}, "
+          f"tail {bank_analysis.describe_ids(rep['tail'])}: {rep['rule']}); a sample leaks when more "
           f"than half its neighbours are head-class")
     rows = [[c, v["samples"], v["leaked_share"], v.get("head_neighbor_share"),
              v.get("own_class_neighbor_share"), v.get("top_head_class"),
@@ -125,11 +131,11 @@ def cmd_leakage(args):
 
 
 def cmd_weights(args):
-    ckpt = args.checkpoint or fb.default_checkpoint(args.run)
-    norms, key = fb.classifier_weight_norms(fb.load_model_state(ckpt), args.key)
-    counts = fb.run_class_counts(args.run)
+    ckpt = args.checkpoint or bank_runs.default_checkpoint(args.run)
+    norms, key = bank_analysis.classifier_weight_norms(bank_runs.load_model_state(ckpt), args.key)
+    counts = bank_runs.run_class_counts(args.run)
     out = args.out or os.path.join(args.run, "weight_norms.png")
-    fb.plot_weight_norms(norms, counts, out, title=f"{os.path.basename(os.path.abspath(args.run))}"
+    bank_plots.plot_weight_norms(norms, counts, out, title=f"{os.path.basename(os.path.abspath(args.run))}"
                                                    f": ||w_c|| of {key}")
     from scipy.stats import spearmanr
 
@@ -167,7 +173,7 @@ def parse_args(argv=None):
     e.add_argument("--list", help="a list file to read instead of the split's own")
     e.add_argument("--layer", default="features")
     e.add_argument("--out", help="bank folder; default RUN/feature_banks/CKPT-SPLIT-LAYER")
-    e.add_argument("--dtype", default="float32", choices=fb.DTYPES)
+    e.add_argument("--dtype", default="float32", choices=bank_files.DTYPES)
     e.add_argument("--chunk-size", type=int, default=4096, help="samples per resumable chunk")
     e.add_argument("--batch-size", type=int, help="default data.eval_batch_size")
     e.add_argument("--workers", type=int)
@@ -180,7 +186,8 @@ def parse_args(argv=None):
     k = sub.add_parser("knn", help="kNN accuracy of a query bank against a reference bank")
     add_bank_args(k)
     k.add_argument("--k", type=int, default=20)
-    k.add_argument("--temperature", type=float, default=0.07)
+    k.add_argument("--temperature", type=float, default=knn.DEFAULT_T,
+                   help="the kNN monitor's knn.t (trainer/knn.py): the same vote")
     k.add_argument("--index", default="flat", choices=("flat", "ivf"))
     k.add_argument("--nlist", type=int, help="IVF lists; default ~4 sqrt(N)")
     k.add_argument("--nprobe", type=int, default=16)
@@ -220,7 +227,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         args.fn(args)
-    except (fb.BankError, ImportError, DataError, ConfigError) as e:
+    except (bank_files.BankError, ImportError, DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -52,7 +52,7 @@ def part_float32_under_bf16(ctx: Ctx) -> dict:
     """MoCo's logits, the kNN monitor's scores and CosineHead's cosines under bf16 autocast
     are float32 and equal (to float32 rounding) to the same calls without autocast."""
     from trainer.methods.moco import info_nce_logits
-    from trainer.methods.ssl_base import knn_scores
+    from trainer.knn import scores as knn_scores
     from trainer.models.heads import CosineHead
 
     full = not ctx.smoke

@@ -316,7 +316,7 @@ def part_ldam_autocast(ctx: Ctx) -> dict:
 def part_faiss_knn(ctx: Ctx) -> dict:
     """faiss-gpu exact kNN on a 437,513 x 2,048 bank against faiss-cpu on a subset of queries:
     the same neighbours (a swap only between near-ties). Smoke: faiss-cpu against torch."""
-    from trainer import feature_bank as fb
+    from trainer.banks import search as bank_search
 
     try:
         import faiss
@@ -335,7 +335,7 @@ def part_faiss_knn(ctx: Ctx) -> dict:
     res = {}
     for dev in (("gpu", "cpu") if not ctx.smoke else ("cpu",)):
         t0 = time.perf_counter()
-        index = fb.build_index(bank, "flat", "ip", device=dev)
+        index = bank_search.build_index(bank, "flat", "ip", device=dev)
         build = time.perf_counter() - t0
         t0 = time.perf_counter()
         res[dev] = index.search(queries, k)

@@ -16,13 +16,15 @@ import sys
 
 
 from ltrainer.tools import tsne  # noqa: E402
-from trainer import feature_bank as fb  # noqa: E402
+from trainer.banks import analysis as bank_analysis  # noqa: E402
+from trainer.banks import extract as bank_extract  # noqa: E402
+from trainer.banks import search as bank_search  # noqa: E402
 
 
 def measure(run: str, k_knn: int, k_leak: int) -> tuple[dict, dict]:
     """(kNN result, leakage report) of a run's test features against its train features."""
-    test, train = fb.run_bank(run, "test"), fb.run_bank(run, "train")
-    return fb.knn_evaluate(test, train, k=k_knn), fb.leakage_report(test, train, k=k_leak)
+    test, train = bank_extract.run_bank(run, "test"), bank_extract.run_bank(run, "train")
+    return bank_search.knn_evaluate(test, train, k=k_knn), bank_analysis.leakage_report(test, train, k=k_leak)
 
 
 def mean_of(report: dict, key: str) -> float:
@@ -39,8 +41,8 @@ def markdown(names, runs, results, k_knn, k_leak) -> str:
             "-" if knn[c] is None else f"{knn[c]:.2f}"
             for c in ("top1", "balanced_top1", "many", "medium", "few")) + " |")
     leak = results[0][1]
-    lines += ["", f"Leakage of tail (few-shot) classes {fb.describe_ids(leak['tail'])} into head "
-                  f"(many-shot) classes {fb.describe_ids(leak['head'])}, k = {k_leak}: share "
+    lines += ["", f"Leakage of tail (few-shot) classes {bank_analysis.describe_ids(leak['tail'])} into head "
+                  f"(many-shot) classes {bank_analysis.describe_ids(leak['head'])}, k = {k_leak}: share "
                   f"of a tail class's test samples whose neighbours are mostly head-class "
                   f"(leaked), and the mean share of own-class neighbours, %:", "",
               "| model | " + " | ".join(f"class {c} leaked / own" for c in leak["tail"])

@@ -23,7 +23,8 @@ from data_pipelines.sources import DataError  # noqa: E402
 from trainer import distributed as dist_utils  # noqa: E402
 from trainer import pseudo_labels  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
-from trainer.feature_bank import BankError  # noqa: E402
+from trainer.banks.files import BankError  # noqa: E402
+from trainer.banks.label_pool import label_run  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,7 +48,7 @@ def parse_args(argv=None):
 
 def label(json_path=None, **kwargs):
     """One rank's share; rank 0 prints (and saves) the report."""
-    report = pseudo_labels.label_run(**kwargs)
+    report = label_run(**kwargs)
     if report is not None:
         print(pseudo_labels.format_report(report))
         print(f"wrote {kwargs['out']}")

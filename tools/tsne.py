@@ -22,7 +22,11 @@ import time
 import numpy as np  # noqa: E402
 
 from data_pipelines.sources import DataError  # noqa: E402
-from trainer import feature_bank as fb  # noqa: E402
+from trainer.banks import analysis as bank_analysis  # noqa: E402
+from trainer.banks import extract as bank_extract  # noqa: E402
+from trainer.banks import files as bank_files  # noqa: E402
+from trainer.banks import plots as bank_plots  # noqa: E402
+from trainer.banks import search as bank_search  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
 
 
@@ -46,8 +50,8 @@ def subsample(labels: np.ndarray, max_n: int, seed: int = 0, min_per_class: int 
 def faiss_neighbors(x: np.ndarray, k: int):
     """(indices, distances) of each row's k nearest other rows: exact L2 with faiss, self
     dropped, squared distances turned into distances (what openTSNE expects)."""
-    index = fb.build_index(x, "flat", metric="l2")
-    d2, ids = fb.search_excluding_self(index, x, k, np.arange(len(x)))
+    index = bank_search.build_index(x, "flat", metric="l2")
+    d2, ids = bank_search.search_excluding_self(index, x, k, np.arange(len(x)))
     return ids.astype(np.int64), np.sqrt(np.maximum(d2, 0)).astype(np.float64)
 
 
@@ -55,9 +59,9 @@ def embed(x: np.ndarray, perplexity: float = 30, iters: int = 750, seed: int = 0
           n_jobs: int = 1) -> np.ndarray:
     """2-D openTSNE embedding from faiss neighbours (k = 3 x perplexity, as openTSNE picks);
     the first 250 iterations (or a third, if fewer) are early exaggeration."""
-    affinity = fb.require("openTSNE.affinity", "opentsne")
-    nn = fb.require("openTSNE.nearest_neighbors", "opentsne")
-    otsne = fb.require("openTSNE", "opentsne")
+    affinity = bank_search.require("openTSNE.affinity", "opentsne")
+    nn = bank_search.require("openTSNE.nearest_neighbors", "opentsne")
+    otsne = bank_search.require("openTSNE", "opentsne")
     x = np.ascontiguousarray(x, dtype=np.float32)
     k = min(len(x) - 1, int(3 * perplexity))
     ids, dist = faiss_neighbors(x, k)
@@ -72,11 +76,11 @@ def embed(x: np.ndarray, perplexity: float = 30, iters: int = 750, seed: int = 0
 class Panel:
     """One model's joint train+test embedding, ready to draw."""
 
-    def __init__(self, name, train: fb.Bank, test: fb.Bank, args):
-        fb.check_compatible(test, train)
+    def __init__(self, name, train: bank_files.Bank, test: bank_files.Bank, args):
+        bank_files.check_compatible(test, train)
         self.name, self.args = name, args
         self.counts = train.train_class_counts
-        self.head, self.tail, self.rule = fb.head_tail_classes(self.counts)
+        self.head, self.tail, self.rule = bank_analysis.head_tail_classes(self.counts)
         self.rows = {"train": subsample(train.labels, args.max_train, args.seed,
                                         args.min_per_class),
                      "test": subsample(test.labels, args.max_test, args.seed,
@@ -86,7 +90,7 @@ class Panel:
                        "test": test.labels[self.rows["test"]]}
         x = np.concatenate([train.features[self.rows["train"]],
                             test.features[self.rows["test"]]]).astype(np.float32)
-        x = fb.normalized(x) if args.normalize else x
+        x = bank_search.normalized(x) if args.normalize else x
         t0 = time.perf_counter()
         y = embed(x, args.perplexity, args.iters, args.seed, args.jobs)
         self.seconds = time.perf_counter() - t0
@@ -99,8 +103,8 @@ class Panel:
         how = (f" (random sub-sample, >= {self.args.min_per_class} per class where available, "
                f"seed {self.args.seed})") if sub else ""
         return (f"{self.name}: {n['train']} train + {n['test']} test points{how}; "
-                f"{self.rule}: head {fb.describe_ids(self.head)}, "
-                f"tail {fb.describe_ids(self.tail)}")
+                f"{self.rule}: head {bank_analysis.describe_ids(self.head)}, "
+                f"tail {bank_analysis.describe_ids(self.tail)}")
 
 
 def colors_for(num_classes: int):
@@ -138,7 +142,7 @@ def figure(panels: list[Panel], out: str, title: str = "") -> str:
     and test below."""
     cols = 2 if len(panels) == 1 else len(panels)
     rows = 1 if len(panels) == 1 else 2
-    fig = fb._figure((5.5 * cols + 2, 5 * rows + 1))
+    fig = bank_plots._figure((5.5 * cols + 2, 5 * rows + 1))
     for i, p in enumerate(panels):
         for j, split in enumerate(("train", "test")):
             pos = j + 1 if len(panels) == 1 else j * cols + i + 1
@@ -158,9 +162,9 @@ def figure(panels: list[Panel], out: str, title: str = "") -> str:
     return out
 
 
-def run_banks(run: str, args) -> tuple[fb.Bank, fb.Bank]:
+def run_banks(run: str, args) -> tuple[bank_files.Bank, bank_files.Bank]:
     kw = dict(layer=args.layer, checkpoint=getattr(args, "checkpoint", None))
-    return fb.run_bank(run, "train", **kw), fb.run_bank(run, args.split, **kw)
+    return bank_extract.run_bank(run, "train", **kw), bank_extract.run_bank(run, args.split, **kw)
 
 
 def cmd_plot(args) -> list[Panel]:
@@ -168,7 +172,7 @@ def cmd_plot(args) -> list[Panel]:
         train, test = run_banks(args.run, args)
         name = args.name or os.path.basename(os.path.abspath(args.run))
     elif args.train and args.test:
-        train, test = fb.load_bank(args.train), fb.load_bank(args.test)
+        train, test = bank_files.load_bank(args.train), bank_files.load_bank(args.test)
         name = args.name or os.path.basename(os.path.abspath(args.train))
     else:
         raise SystemExit("give RUN, or both --train BANK and --test BANK")
@@ -229,7 +233,7 @@ def parse_args(argv=None):
 
 
 # Errors a user can fix (a missing run or bank, a missing package, bad data or config): one line.
-USER_ERRORS = (fb.BankError, ImportError, DataError, ConfigError)
+USER_ERRORS = (bank_files.BankError, ImportError, DataError, ConfigError)
 
 
 def main(argv=None) -> int:

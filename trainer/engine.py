@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .config import Config, save_config
 from .divergence import check_loss
+from .extraction import bound_heap
 from .methods.base import Batch
 from .metrics import metrics_from_confusion, plot_per_class_accuracy
 from .models import export_torchvision_state_dict
@@ -231,7 +232,8 @@ class Trainer:
     def train_epoch(self) -> bool:
         """Run (the rest of) one epoch; return False when max_steps cut it short."""
         cfg = self.cfg
-        self.supply.before_epoch(self.embed)      # DataNeeds.feature_cache, once
+        # DataNeeds.feature_cache, once: a float16 file of the train split's features
+        self.supply.before_epoch(self.embed, os.path.join(self.run_dir, "feature_cache"))
         choice = self.method.on_epoch_start(self.epoch)
         loader, sampler = self.data.train_loader(choice.kind, self.epoch, self.step_in_epoch,
                                                  class_weights=choice.class_weights)
@@ -363,13 +365,15 @@ class Trainer:
         rank's shard only, in its loader's order. indices=True: also each row's dataset index
         (the only way to place rows when images were skipped). Every rank calls fn equally
         often (with an empty batch where its shard ends early), so fn may use collectives.
-        on_batch(out, labels): called with each real batch's rows instead of keeping them
-        (memory independent of the split: per-class sums); the rows returned are then empty."""
+        on_batch(out, labels), or on_batch(out, labels, dataset_indices) with indices=True:
+        called with each real batch's rows instead of keeping them (memory independent of the
+        split: trainer/extraction.py's sinks); the rows returned are then empty."""
+        bound_heap()   # freed batch buffers go back to the system (extraction.bound_heap)
         was_training = self.model.training
         self.model.eval()
         loader = self.data.eval_loader(split)
         counts = dist_utils.gather_sizes(len(loader), self.device)
-        feats, labels, index, images = [], [], [], None
+        feats, labels, index, images, seen = [], [], [], None, 0
         for batch in loader:
             images, y = self._to_device(batch)
             with self.autocast():
@@ -377,7 +381,13 @@ class Trainer:
             ids = getattr(loader, "batch_indices", None)   # the items it delivered, if told
             ids = None if ids is None else torch.as_tensor(ids, dtype=torch.long)
             if on_batch is not None:
-                on_batch(out, y)
+                if indices:   # without the loader's indices: rank r held r, r + w, ...
+                    pos = ids if ids is not None else (seen + torch.arange(len(y))) * \
+                        self.info.world_size + self.info.rank
+                    on_batch(out, y, pos)
+                else:
+                    on_batch(out, y)
+                seen += len(y)
                 # new empty rows, not views (out[:0] would keep each batch's storage alive)
                 out, y = out.new_empty((0, *out.shape[1:])), y.new_empty((0, *y.shape[1:]))
                 ids = None if ids is None else ids.new_empty(0)

@@ -1,6 +1,9 @@
 """Pseudo-labels of an unlabeled pool: hard labels, confidences, optional probability vectors,
 a selection (confidence threshold, per-class top-k) and their accuracy against the pool's hidden
-labels. Shared by the `pseudo_label` pipeline stage and tools/pseudo_label.py.
+labels. One path for the `pseudo_label` pipeline stage and tools/pseudo_label.py: the same
+`predictor`, each rank writing its rows to chunk files through the extraction service
+(trainer/extraction.py), and the same chunk-wise assembly on rank 0 (`from_row_files`), so no
+rank ever holds the pool's N x 2 (or N x C) predictions of the others.
 
 The file is a plain .npz (loaded with allow_pickle=False; the reference pickled it), written
 atomically, and carries the fingerprint of the pool it labels so that self-training refuses
@@ -16,9 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import torch
+
 from data_pipelines.sources import DataError
 
 from .checkpoint import atomic_write
+from .extraction import assemble_rows
 from .validation import describe, finite_floats, first_sentence, int_labels
 
 FILE = "pseudo_labels.npz"
@@ -237,58 +243,31 @@ def check_path(path: str) -> list[str]:
     return []
 
 
-def label_run(run_dir: str, out: str, checkpoint: str | None = None, overrides=(),
-              threshold: float = 0.0, top_k: int = 0, save_probs: bool = False,
-              batch_size: int | None = None, workers: int | None = None, device: str = "auto",
-              chunk_size: int = 1024, progress: bool = True) -> dict | None:
-    """Pseudo-label the pool of a run's config (`overrides` such as "semi.rho_u=1" or
-    "semi.pool_file=..." choose another) with one of its checkpoints; write `out` (.npz) and
-    return the accuracy report (on rank 0; None on the others).
+def predictor(model, num_classes: int, save_probs: bool = False):
+    """images -> per image [confidence, class] (+ the C probabilities with save_probs), the
+    rows both pseudo-labelling paths write."""
+    def predict(x):
+        logits = model(x).float()
+        if logits.dim() != 2 or logits.shape[1] != num_classes:
+            raise ValueError(f"the model gives outputs of shape {tuple(logits.shape[1:])}, not "
+                             f"the task's {num_classes} classes (is it a classifier?)")
+        p = torch.softmax(logits, 1)
+        conf, label = p.max(1)
+        return torch.cat([conf[:, None], label[:, None].float()] + ([p] if save_probs else []),
+                         1)
+    return predict
 
-    The pass over the pool is a feature-bank extraction of the class probabilities: sharded
-    over the ranks (torchrun, or `distributed.run_local`), in chunks that a killed run does not
-    redo, with a progress bar on rank 0; the temporary bank is removed at the end.
-    """
-    import shutil
 
-    import torch
-
-    from data_pipelines.sources import SubsetSource
-    from data_pipelines.unlabeled_pool import build_pool
-
-    from . import distributed as dist_utils
-    from . import feature_bank as fb
-
-    ckpt = os.path.abspath(checkpoint or fb.default_checkpoint(run_dir))
-    cfg = fb.run_config(run_dir, overrides)
-    pool = build_pool(cfg.data, cfg.semi)
-    info = dist_utils.setup(device)
-    if info.device.type == "cpu" and info.world_size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
-    run = fb.load_run_model(run_dir, ckpt, info.device)
-    logits = fb.feature_fn(run, "head")
-    # the bank's labels must be classes: hidden labels (-1 outside the task) stay in `pool`
-    blind = SubsetSource(pool.source, np.arange(len(pool)), labels=np.zeros(len(pool), np.int64),
-                         num_classes=pool.num_classes)
-    bank_dir = os.path.splitext(out)[0] + ".probs_bank"
-    fb.extract_bank(bank_dir, run.data.make_dataset(blind, False),
-                    lambda x: torch.softmax(logits(x), dim=1),
-                    {"checkpoint": ckpt, "checkpoint_sha256": fb.file_sha256(ckpt),
-                     "layer": "probabilities", "dataset": {"pool": pool.fingerprint}},
-                    chunk_size=chunk_size, batch_size=batch_size or cfg.data.eval_batch_size,
-                    workers=cfg.data.workers if workers is None else workers, rank=info.rank,
-                    world_size=info.world_size, header={"num_classes": pool.num_classes},
-                    progress=progress)
-    report = None
-    if info.is_main:
-        probs = np.asarray(fb.load_bank(bank_dir, mmap=False).features)
-        if probs.shape[1] != pool.num_classes:
-            raise ValueError(f"{ckpt}: the model gives {probs.shape[1]} outputs, not the task's "
-                             f"{pool.num_classes} classes (is it a classifier?)")
-        pl = from_probs(probs, pool.hidden, threshold, top_k, save_probs,
-                        pool_fingerprint=pool.fingerprint, checkpoint=ckpt, pool=pool.summary())
-        save(out, pl)
-        shutil.rmtree(bank_dir)
-        report = accuracy_report(pl)
-    dist_utils.barrier()
-    return report
+def from_row_files(folder: str, count: int, num_classes: int, hidden=None,
+                   threshold: float = 0.0, top_k: int = 0, save_probs: bool = False,
+                   **meta) -> PseudoLabels:
+    """Pseudo-labels from the `predictor` rows that the ranks wrote to `folder`, placed by
+    pool index (rows the loader skipped are unread: never selected). Read chunk by chunk; with
+    save_probs the probabilities stay in a memory-mapped file in `folder` (save() streams
+    them), so rank 0 holds N x 2 numbers, never N x C."""
+    rows, _, present = assemble_rows(folder, count, os.path.join(folder, "rows.npy")
+                                     if save_probs else None)
+    probs = rows[:, 2:] if save_probs else None
+    return from_predictions(np.asarray(rows[:, 1]), np.asarray(rows[:, 0]), num_classes,
+                            hidden, threshold, top_k, probs, present,
+                            unread=int(count - present.sum()), **meta)

@@ -19,10 +19,11 @@ from configspec import Part
 from data_pipelines.build import split_problem
 from data_pipelines.datasets import AugmentedDataset
 from data_pipelines.samplers import mix_seeds
-from data_pipelines.sources import SubsetSource, TensorSource
+from data_pipelines.sources import SubsetSource
 from data_pipelines.unlabeled_pool import build_pool, check_pool
 
 from .distributed import batch_to_device
+from .extraction import cache_split
 from .methods import METHODS, create_method, method_class
 from .methods.base import Method, TaskShape
 
@@ -70,12 +71,14 @@ class Supply:
         self.method, self.data, self.stream = method, data, stream
         self.cached = not method.needs(method.cfg).feature_cache
 
-    def before_epoch(self, embed) -> None:
-        """Embed the training set once (DataNeeds.feature_cache) with the engine's embed."""
+    def before_epoch(self, embed, folder: str) -> None:
+        """Embed the training set once (DataNeeds.feature_cache) with the engine's embed,
+        sharded, into a float16 file in `folder` that every rank maps (extraction.cache_split):
+        no rank gathers the split's features."""
         if self.cached:
             return
-        feats, labels = embed("train", self.method.cache_encoder())
-        source = TensorSource(feats.cpu(), labels.cpu().numpy(), self.data.num_classes)
+        source = cache_split(embed, "train", self.method.cache_encoder(), folder,
+                             self.data.rank, len(self.data.train), self.data.num_classes)
         self.data.replace_train(AugmentedDataset(source, None))
         self.cached = True
 

@@ -8,16 +8,15 @@ pseudo-labels' accuracy against the pool's hidden labels.
 from __future__ import annotations
 
 import os
-
-import numpy as np
-import torch
+import shutil
 
 import configspec as spec
 
 from .. import distributed as dist_utils
 from .. import pseudo_labels
-from .base import DataNeeds
+from ..extraction import embed_to_files
 from .registry import register
+from .base import DataNeeds
 from .supervised_base import SupervisedBase
 
 POOL_SPLIT = "unlabeled_pool"
@@ -62,30 +61,23 @@ class PseudoLabel(SupervisedBase):
         if self.report is not None:
             return
         s, c, n = self.cfg.semi, self.data.num_classes, len(self.pool.hidden)
-
-        def predict(x):   # per image: (confidence, class) and, only if kept, the probabilities
-            p = torch.softmax(self.model(x).float(), 1)
-            conf, label = p.max(1)
-            return torch.cat([conf[:, None], label[:, None].float()]
-                             + ([p] if s.save_probs else []), 1)
-        # Rows placed by their dataset index: images the loader skipped have none
-        out, _, index = trainer.embed(POOL_SPLIT, predict, indices=True)
-        out, index = out.cpu().numpy(), index.cpu().numpy()
-        conf, label = np.zeros(n, np.float32), np.zeros(n, np.int64)
-        present = np.zeros(n, bool)
-        conf[index], label[index], present[index] = out[:, 0], out[:, 1], True
-        probs = None
-        if s.save_probs:
-            probs = np.zeros((n, c), np.float32)
-            probs[index] = out[:, 2:]
-        pl = pseudo_labels.from_predictions(
-            label, conf, c, self.pool.hidden, s.threshold, s.top_k, probs, present,
-            pool_fingerprint=self.pool.fingerprint, checkpoint=self.cfg.model.init,
-            pool=self.pool.summary(), unread=int(n - present.sum()))
+        # Each rank writes its rows (placed later by dataset index: images the loader skipped
+        # have none) to files; rank 0 assembles them chunk by chunk (one path with the tool)
+        folder = os.path.join(trainer.run_dir, ".pseudo_label_rows")
+        embed_to_files(trainer.embed, POOL_SPLIT,
+                       pseudo_labels.predictor(self.model, c, s.save_probs), folder,
+                       trainer.info.rank)
+        report = None
         if trainer.info.is_main:
+            pl = pseudo_labels.from_row_files(
+                folder, n, c, self.pool.hidden, s.threshold, s.top_k, s.save_probs,
+                pool_fingerprint=self.pool.fingerprint, checkpoint=self.cfg.model.init,
+                pool=self.pool.summary())
             pseudo_labels.save(os.path.join(trainer.run_dir, pseudo_labels.FILE), pl)
-        dist_utils.barrier()
-        self.report = pseudo_labels.accuracy_report(pl)
+            report = pseudo_labels.accuracy_report(pl)
+            del pl
+            shutil.rmtree(folder)
+        self.report = dist_utils.broadcast_object(report)
         trainer.log.info(pseudo_labels.format_report(self.report))
 
     def summary(self) -> dict:
