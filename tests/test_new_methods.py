@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs_fmnist
 from trainer.config import ConfigError, load_config
 
 CE = os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml")
@@ -367,3 +367,136 @@ def test_weight_balancing_projects_after_every_step_and_weighs_by_class(tmp_path
     assert after.max() <= method.radius * (1 + 1e-6)
     assert torch.isclose(after[2], norms[2])        # the small class is inside the ball
     assert not any(p.requires_grad for p in method.model.backbone.parameters())
+
+
+# ------------------------------------------------------------------------------ weight EMA
+
+def test_ema_update_by_hand_and_as_the_per_tensor_loop():
+    """decay 0.75: [1, 2] toward [3, 6] gives [1.5, 3]; BatchNorm statistics stay the
+    target's own ('own') or are averaged too ('average', num_batches_tracked copied); the
+    fused update equals the per-tensor loop the methods used, bit for bit."""
+    from trainer.ema import ema_update, frozen_copy, warmup_decay
+    src = nn.Sequential(nn.Linear(2, 1, bias=False), nn.BatchNorm1d(1))
+    tgt = frozen_copy(src)
+    with torch.no_grad():
+        tgt[0].weight.copy_(torch.tensor([[1.0, 2.0]]))
+        src[0].weight.copy_(torch.tensor([[3.0, 6.0]]))
+        src[1].running_mean.fill_(4.0)
+        src[1].num_batches_tracked.fill_(7)
+    assert not any(p.requires_grad for p in tgt.parameters())
+    ema_update(tgt, src, 0.75)
+    assert tgt[0].weight.tolist() == [[1.5, 3.0]]
+    assert tgt[1].running_mean.item() == 0.0 and tgt[1].num_batches_tracked.item() == 0
+    ema_update(tgt, src, 0.75, buffers="average")
+    assert tgt[1].running_mean.item() == 1.0 and tgt[1].num_batches_tracked.item() == 7
+    assert [warmup_decay(s, 0.99) for s in (0, 1, 98, 500)] == \
+        pytest.approx([0.5, 2 / 3, 0.99, 0.99])
+    g = torch.Generator().manual_seed(0)
+    a = nn.Linear(7, 5)
+    b, ref = frozen_copy(a), frozen_copy(a)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    for _ in range(3):
+        ema_update(b, a, 0.999)
+        with torch.no_grad():
+            for t, s in zip(ref.parameters(), a.parameters()):
+                t.mul_(0.999).add_(s.detach(), alpha=1 - 0.999)
+    for t, r in zip(b.parameters(), ref.parameters()):
+        assert torch.equal(t, r)
+
+
+# ------------------------------------------------------------------- gradient accumulation
+
+def _grads_after(model, batch, chunks):
+    from trainer.accumulate import accumulated_step
+    from trainer.methods.base import Batch
+    model.zero_grad(set_to_none=True)
+
+    def forward(micro):
+        loss = torch.nn.functional.cross_entropy(model(micro.images), micro.labels)
+        return loss, {"loss": loss.detach()}
+
+    loss, logs = accumulated_step(forward, lambda l: l.backward(), Batch(*batch), chunks)
+    return loss, logs, [p.grad.clone() for p in model.parameters()]
+
+
+def test_accumulated_gradients_equal_the_large_batch_without_batchnorm():
+    """An MLP (no BatchNorm): 4 micro-batches of 6 (and uneven ones of 6/6/5/5) give the
+    gradient and loss of the batch of 24. ResNet-8 (BatchNorm) does not: each micro-batch is
+    normalised with its own statistics."""
+    from trainer.models import create_model
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 1, 8, 8, generator=g), torch.randint(0, 3, (24,), generator=g)
+    mlp = create_model("mlp", 3, in_channels=1, image_size=8)
+    loss1, _, big = _grads_after(mlp, (x, y), 1)
+    loss4, logs, small = _grads_after(mlp, (x, y), 4)
+    assert torch.allclose(loss1, loss4, atol=1e-6) and torch.allclose(logs["loss"], loss1)
+    for a, b in zip(big, small):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    from trainer.accumulate import micro_batches
+    from trainer.methods.base import Batch
+    assert [m.images.shape[0] for m in micro_batches(Batch(x[:22], y[:22]), 4)] == [6, 6, 5, 5]
+    _, _, big22 = _grads_after(mlp, (x[:22], y[:22]), 1)
+    _, _, acc22 = _grads_after(mlp, (x[:22], y[:22]), 4)
+    for a, b in zip(big22, acc22):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    bn = create_model("resnet8", 3, in_channels=1)
+    _, _, big = _grads_after(bn, (x, y), 1)
+    _, _, small = _grads_after(bn, (x, y), 4)
+    assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(big, small))
+
+
+def test_accumulation_is_refused_where_a_step_keeps_state():
+    load_config(CE, ["optim.accum_steps=4"])
+    with pytest.raises(ConfigError, match=r"optim\.accum_steps = 2: method 'moco' keeps state "
+                                          r"per forward pass"):
+        load_config(CE, ["optim.accum_steps=2", "method.name=moco"])
+
+
+@needs_fmnist
+def test_results_json_has_the_last_and_the_best_validation_epoch(tiny):
+    """3 epochs evaluated each: results.json labels test at the last epoch and at the epoch
+    whose val balanced accuracy was best (metrics.jsonl holds every evaluation to check it),
+    with per-class and per-image accuracy and the shot thresholds."""
+    import json
+    from trainer.engine import train
+    cfg = load_config(CE, tiny + ["run.name=sel", "data.val_per_class=10"])
+    res = train(cfg)
+    run = os.path.join(cfg.run.out_dir, "sel")
+    evals = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))
+             if '"eval_' in line]
+    val = {r["epoch"]: r["balanced_top1"] for r in evals if r["kind"] == "eval_val"}
+    test = {r["epoch"]: r["balanced_top1"] for r in evals if r["kind"] == "eval_test"}
+    assert sorted(val) == sorted(test) == [1, 2, 3]
+    best = res["test_best_val_epoch"]
+    assert best["epoch"] == min(e for e in val if val[e] == max(val.values()))
+    assert best["per_class"]["all"] == pytest.approx(test[best["epoch"]])
+    last = res["test_last_epoch"]
+    assert last["label"] == "test at the last epoch (3)"
+    assert last["per_class"]["all"] == pytest.approx(res["balanced_top1"])
+    assert last["per_image"]["all"] == pytest.approx(res["top1"])
+    assert last["shot_thresholds"]["few"] == "< 20 training images"
+
+
+@needs_fmnist
+def test_post_hoc_logit_adjustment_runs_on_a_ce_model(tiny):
+    """A CE run, then the method through the engine: tau from the val split, results.json
+    says where, and model_final.pt is the CE classifier with -tau log pi added to its bias."""
+    from trainer.engine import train
+    ce = load_config(CE, tiny + ["run.name=ce", "sched.epochs=1", "sched.warmup_epochs=0",
+                                 "data.val_per_class=10"])
+    train(ce)
+    run = os.path.join(ce.run.out_dir, "ce")
+    cfg = load_config(CE, tiny + ["run.name=la", "data.val_per_class=10", *POSTHOC,
+                                  f"model.init={run}", "logit_adjust.grid=[0.0, 1.0, 2.0]"])
+    res = train(cfg)
+    assert res["tau_selected_on"] == "val" and set(res["tau_search"]) == {"0", "1", "2"}
+    assert res["tau_search"][f"{res['tau']:g}"] == max(res["tau_search"].values())
+    init = torch.load(os.path.join(run, "model_final.pt"), weights_only=True)
+    final = torch.load(os.path.join(cfg.run.out_dir, "la", "model_final.pt"), weights_only=True)
+    from trainer.methods.logit_adjust import log_prior
+    from trainer.results import load_per_class
+    prior = log_prior(load_per_class(os.path.join(cfg.run.out_dir, "la"))["class_counts"].tolist())
+    torch.testing.assert_close(final["head.fc.bias"], init["head.fc.bias"] - res["tau"] * prior)
+    torch.testing.assert_close(final["head.fc.weight"], init["head.fc.weight"])

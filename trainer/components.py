@@ -4,19 +4,20 @@ itself in its registry and needs no line here; a new kind of component adds its 
 from __future__ import annotations
 
 from configspec import compose
-from data_pipelines import augment, build, loaders, longtail, sources, unlabeled_pool
+from data_pipelines import augment, build, loaders, longtail, samplers, sources, unlabeled_pool
 
-from . import engine_config, optim, resume_rules, schedules, serving
+from . import accumulate, engine_config, optim, protocol, resume_rules, schedules, serving
 from .losses import LOSSES
 from .methods import METHODS
 from .models import BACKBONES, HEADS
 
 PARTS = [
     engine_config.RUN, resume_rules.CONFIG,
-    sources.SOURCES, longtail.CONFIG, augment.AUGMENTS, build.CONFIG, loaders.LOADERS,
+    sources.SOURCES, longtail.CONFIG, samplers.CONFIG, augment.AUGMENTS, build.CONFIG,
+    loaders.LOADERS,
     BACKBONES, HEADS,
-    LOSSES, schedules.TRAIN_RULES, optim.OPTIMIZERS, schedules.SCHEDULES,
+    LOSSES, schedules.TRAIN_RULES, optim.OPTIMIZERS, accumulate.CONFIG, schedules.SCHEDULES,
     METHODS, serving.CONFIG, unlabeled_pool.CONFIG,
-    engine_config.ENGINE,
+    engine_config.ENGINE, protocol.CONFIG,
 ]
 SCHEMA = compose(PARTS)

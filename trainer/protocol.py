@@ -97,6 +97,16 @@ class EpochSelection:
             self.best = {"epoch": int(epoch), "val_balanced_top1": score,
                          **self.report(reported)}
 
+    def evaluate(self, epoch: int, evaluate) -> dict:
+        """One evaluation round of the engine: evaluate() on eval.split, then (with a
+        validation split) evaluate(split, prepare=False) on it -- the method's prepare_eval
+        (a kNN bank, a chosen tau) is shared -- and record both. Returns the eval.split one."""
+        m = evaluate()
+        if self.split is not None:
+            val = m if self.split == self.cfg.eval.split else evaluate(self.split, prepare=False)
+            self.record(epoch, m, val)
+        return m
+
     def results(self, epoch: int, reported: dict) -> dict:
         """The labelled entries of results.json for the final evaluation `reported`."""
         split = self.cfg.eval.split

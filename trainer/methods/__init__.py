@@ -44,3 +44,4 @@ def check_every_class(cfg, class_counts):
 from . import (crt, linear_probe, lws, mean_teacher, moco, ncm,  # noqa: E402,F401
                pseudo_label, rotation, self_training, supervised, tau_norm,
                vat)  # each registers itself
+from . import logit_adjust, weight_balancing  # noqa: E402,F401

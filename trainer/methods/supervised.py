@@ -10,6 +10,7 @@ from .supervised_base import SupervisedBase
 @register
 class Supervised(SupervisedBase):
     name = "supervised"
+    accumulates = True   # optim.accum_steps: a plain loss of the batch (trainer/accumulate.py)
 
     def training_step(self, model, batch, ctx):
         images, labels = batch.images, batch.labels
