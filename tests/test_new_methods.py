@@ -500,3 +500,12 @@ def test_post_hoc_logit_adjustment_runs_on_a_ce_model(tiny):
     prior = log_prior(load_per_class(os.path.join(cfg.run.out_dir, "la"))["class_counts"].tolist())
     torch.testing.assert_close(final["head.fc.bias"], init["head.fc.bias"] - res["tau"] * prior)
     torch.testing.assert_close(final["head.fc.weight"], init["head.fc.weight"])
+
+
+def test_mean_teacher_and_moco_use_the_one_ema():
+    """The teacher and the key encoder are trainer/ema.py's frozen copies, updated by its
+    ema_update (test_moco / test_semi check their formulas through it)."""
+    from trainer import ema
+    from trainer.methods import mean_teacher, moco
+    assert mean_teacher.ema_update is ema.ema_update and moco.ema_update is ema.ema_update
+    assert mean_teacher.frozen_copy is ema.frozen_copy and moco.frozen_copy is ema.frozen_copy

@@ -21,7 +21,7 @@ from trainer import pseudo_labels
 from trainer.config import ConfigError, load_config
 from trainer.losses import class_balanced_weights
 from trainer.methods.base import Batch
-from trainer.methods.mean_teacher import ema_decay, ema_update
+from trainer.ema import ema_update, warmup_decay as ema_decay
 from trainer.methods.vat import frozen_buffers, vat_perturbation
 from trainer.pipeline import load_plan, run_plan
 from trainer.serving import build_method

@@ -8,28 +8,15 @@ model_final.pt (it is usually the better of the two).
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
 
 import configspec as spec
 
+from ..ema import ema_update, frozen_copy, warmup_decay
 from .registry import register
 from .semi_base import SemiSupervised
-
-
-@torch.no_grad()
-def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float):
-    """teacher <- decay * teacher + (1 - decay) * student, over the parameters; the teacher's
-    BatchNorm statistics come from its own forward passes, as in the original."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
-
-
-def ema_decay(step: int, decay: float) -> float:
-    """The original's warm-up: a plain running mean until it reaches `decay` (step 0-based)."""
-    return min(1.0 - 1.0 / (step + 2), decay)
 
 
 @register
@@ -44,9 +31,7 @@ class MeanTeacher(SemiSupervised):
     def __init__(self, cfg, data, device, pool=None):
         super().__init__(cfg, data, device, pool)
         fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        self.teacher = copy.deepcopy(self.model).to(device, memory_format=fmt)   # a submodule
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher = frozen_copy(self.model, device, fmt)   # a submodule (trainer/ema.py)
 
     def training_step(self, model, batch, ctx):
         images, labels, u_images = batch.images, batch.labels, batch.u_images
@@ -70,7 +55,9 @@ class MeanTeacher(SemiSupervised):
         return loss, self.labeled_logs(logits[:n], labels, loss_l, loss_u, loss)
 
     def on_step_end(self, model, ctx) -> None:
-        ema_update(self.teacher, self.model, ema_decay(ctx.step, self.cfg.semi.ema_decay))
+        # teacher <- EMA of the student's parameters; its BatchNorm statistics come from its
+        # own forward passes, as in the original; the original's warm-up (warmup_decay)
+        ema_update(self.teacher, self.model, warmup_decay(ctx.step, self.cfg.semi.ema_decay))
 
     @torch.no_grad()
     def predict(self, model, images):

@@ -8,14 +8,13 @@ process with N BatchNorm groups reproduce N processes.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
 import configspec as spec
 
 from .. import distributed as dist_utils
+from ..ema import ema_update, frozen_copy
 from ..models import Classifier, ProjectionHead, convert_split_bn, create_backbone, matmul_fp32
 from .registry import register
 from .ssl_base import SelfSupervised
@@ -115,18 +114,14 @@ class MoCo(SelfSupervised):
     def __init__(self, cfg, data, device):
         super().__init__(cfg, data, device)
         fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        self.key_model = copy.deepcopy(self.model).to(device, memory_format=fmt)
-        for p in self.key_model.parameters():
-            p.requires_grad_(False)
+        self.key_model = frozen_copy(self.model, device, fmt)   # trainer/ema.py
         self.register_buffer("queue", F.normalize(torch.randn(cfg.moco.dim, cfg.moco.queue),
                                                   dim=0).to(device))
         self.queue_ptr = 0
 
-    @torch.no_grad()
     def momentum_update(self):
-        m = self.cfg.moco.momentum
-        for pk, pq in zip(self.key_model.parameters(), self.model.parameters()):
-            pk.mul_(m).add_(pq.detach(), alpha=1 - m)
+        """key encoder <- m key + (1 - m) query, over the parameters (its BN: its own)."""
+        ema_update(self.key_model, self.model, self.cfg.moco.momentum)
 
     @torch.no_grad()
     def keys(self, im_k: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
