@@ -212,7 +212,7 @@ every_epochs split many few; dist: backend; slurm: partition nodes gpus_per_node
 timeout_min mem_gb signal_delay_s max_num_timeout peer_failure_wait_s account qos constraint
 job_name array_parallelism setup additional"""
 # Sections new methods added since, each declared by its own file (issue 16).
-NEW_SECTIONS = {"logit_adjust", "max_norm"}
+NEW_SECTIONS = {"logit_adjust", "max_norm", "ema"}
 
 
 def test_resolved_config_keeps_its_shape():

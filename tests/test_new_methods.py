@@ -509,3 +509,23 @@ def test_mean_teacher_and_moco_use_the_one_ema():
     from trainer.methods import mean_teacher, moco
     assert mean_teacher.ema_update is ema.ema_update and moco.ema_update is ema.ema_update
     assert mean_teacher.frozen_copy is ema.frozen_copy and moco.frozen_copy is ema.frozen_copy
+
+
+def test_supervised_weight_ema_is_what_is_evaluated_and_saved():
+    """ema.decay 0.9 without warm-up: after one step from w0 to w1 the EMA holds
+    0.9 w0 + 0.1 w1; predict and final_model use it; ema.decay 0 keeps the raw model."""
+    from trainer.methods import create_method
+    data = types.SimpleNamespace(class_counts=[5, 5], num_classes=2, in_channels=1)
+    cfg = load_config(CE, ["model.name=mlp", "ema.decay=0.9", "ema.warmup=false"])
+    method = create_method(cfg, data, torch.device("cpu"))
+    w0 = method.model.head.fc.weight.detach().clone()
+    with torch.no_grad():
+        method.model.head.fc.weight.add_(1.0)
+    method.on_step_end(method.model, types.SimpleNamespace(step=0))
+    assert torch.allclose(method.ema_model.head.fc.weight, 0.9 * w0 + 0.1 * (w0 + 1.0))
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.allclose(method.predict(method.model, x), method.ema_model(x))
+    assert method.final_model() is method.ema_model
+    assert "ema_model.head.fc.weight" in method.state_dict()     # checkpointed
+    plain = create_method(load_config(CE, ["model.name=mlp"]), data, torch.device("cpu"))
+    assert plain.ema_model is None and plain.final_model() is plain.model

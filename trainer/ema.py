@@ -15,8 +15,6 @@ import copy
 import torch
 from torch import nn
 
-import configspec as spec
-
 BUFFERS = ("own", "average")
 
 
@@ -57,11 +55,3 @@ def warmup_decay(step: int, decay: float) -> float:
     `decay` (step 0-based), so an early target is not dominated by its random start."""
     return min(1.0 - 1.0 / (step + 2), decay)
 
-
-# The weight EMA of a supervised run: evaluated and saved instead of the raw weights.
-CONFIG = spec.Part({"ema": {
-    "decay": spec.F("float", 0.0, ge=0, lt=1, help="weight EMA of a supervised run, "
-                                                    "evaluated and saved (0: off)"),
-    "warmup": spec.F("bool", True, help="running mean until the decay is reached (Mean "
-                                        "Teacher's warm-up)"),
-}}, owner=__name__)
