@@ -163,6 +163,7 @@ class SmallImageTransform:
                  padding: int = 4):
         self.train, self.size, self.pad = train, image_size, padding
         self.match = MatchChannels(in_channels)
+        self.mean_list, self.std_list = tuple(map(float, mean)), tuple(map(float, std))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255)
 
@@ -170,7 +171,18 @@ class SmallImageTransform:
         """(top, left, flip) in padded coordinates (batch_aug.small_crop_params)."""
         return small_crop_params(seed, height, width, self.size, self.pad)
 
+    prefer_batched = False   # the per-sample normalisation is cheap; batched on a GPU only
+
+    def crops_only(self):
+        stage = BatchAugment(AugmentSpec("small", self.train, self.size, self.mean_list,
+                                         self.std_list, self.match.channels))
+        return CropsOnly(self.crops, stage, takes_seed=True)
+
     def __call__(self, img, seed: int | None = None) -> torch.Tensor:
+        return (self.crops(img, seed).float() - self.mean) * self.inv_std
+
+    def crops(self, img, seed: int | None = None) -> torch.Tensor:
+        """The uint8 crop [C, H, W] (before normalisation)."""
         x = img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img)
         x = self.match(x.as_subclass(torch.Tensor))
         if self.train:
@@ -184,7 +196,7 @@ class SmallImageTransform:
                 x = x.flip(-1)
         elif x.shape[-2:] != (self.size, self.size):
             x = TF.center_crop(x, [self.size, self.size])
-        return (x.float() - self.mean) * self.inv_std
+        return x
 
 
 def build_transform(kind: str, train: bool, image_size: int, mean: Sequence[float],
@@ -214,7 +226,8 @@ def _imagenet(train, image_size, mean, std, in_channels):
     else:
         ops += [v2.Resize(int(image_size * EVAL_RESIZE), antialias=True),
                 v2.CenterCrop(image_size)]
-    return v2.Compose(ops + _normalize(mean, std))
+    return TvRecipe(ops, AugmentSpec("imagenet", train, image_size, tuple(map(float, mean)),
+                                     tuple(map(float, std)), in_channels))
 
 
 def _moco(train, image_size, mean, std, in_channels):
@@ -226,7 +239,40 @@ def _moco(train, image_size, mean, std, in_channels):
 
 
 def _none(train, image_size, mean, std, in_channels):
-    return v2.Compose([v2.ToImage(), MatchChannels(in_channels)] + _normalize(mean, std))
+    return TvRecipe([v2.ToImage(), MatchChannels(in_channels)],
+                    AugmentSpec("none", train, image_size, tuple(map(float, mean)),
+                                tuple(map(float, std)), in_channels))
+
+
+class TvRecipe:
+    """torchvision v2 ops, then normalisation; ``crops_only`` stops at uint8 and leaves the
+    normalisation to batch_aug.BatchAugment on the batch (on the GPU: gpu_input.py)."""
+    takes_seed = False
+    prefer_batched = False
+
+    def __init__(self, ops: list, spec: AugmentSpec):
+        self.crops_t = v2.Compose(ops)
+        self.transform = v2.Compose(ops + _normalize(spec.mean, spec.std))
+        self.spec = spec
+
+    def __call__(self, img):
+        return self.transform(img)
+
+    def crops(self, img) -> torch.Tensor:
+        return self.crops_t(img).as_subclass(torch.Tensor)
+
+    def crops_only(self):
+        return CropsOnly(self.crops, BatchAugment(self.spec), takes_seed=False)
+
+
+class CropsOnly:
+    """A recipe's per-sample part (uint8 out); ``stage`` is the batched rest."""
+
+    def __init__(self, crops, stage: BatchAugment, takes_seed: bool):
+        self.crops, self.stage, self.takes_seed = crops, stage, takes_seed
+
+    def __call__(self, img, *seed):
+        return self.crops(img, *seed)
 
 
 def _check_stats(cfg, fail):
@@ -265,6 +311,7 @@ class MocoViews:
     saturation, hue and grayscale have no meaning and are left out.
     """
     takes_seed = True
+    prefer_batched = True    # the colour stage is much cheaper on whole batches
 
     def __init__(self, image_size: int, mean, std, in_channels: int):
         self.spec = AugmentSpec("moco", True, int(image_size), tuple(map(float, mean)),
@@ -272,13 +319,20 @@ class MocoViews:
         self.stage = BatchAugment(self.spec, flip=True)
 
     def __call__(self, img, seed: int | None = None) -> torch.Tensor:
-        x = img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img)
-        x = x.as_subclass(torch.Tensor)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
+        return self.stage(self.crops(img, seed)[None], np.array([seed]))[0]
+
+    def crops(self, img, seed: int) -> torch.Tensor:
+        """The two uint8 crops [2, C, H, W] (before colour, flip and normalisation)."""
+        x = img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img)
+        x = x.as_subclass(torch.Tensor)
         s, views = self.spec.size, []
         for v in range(2):
             i, j, h, w = rrc_params(int(view_seeds([seed], v)[0]), x.shape[-2], x.shape[-1],
                                     MOCO["scale"], RRC_RATIO)
             views.append(TF.resized_crop(x, i, j, h, w, [s, s], antialias=True))
-        return self.stage(torch.stack(views)[None], np.array([seed]))[0]
+        return torch.stack(views)
+
+    def crops_only(self):
+        return CropsOnly(self.crops, self.stage, takes_seed=True)

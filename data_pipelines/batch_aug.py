@@ -76,8 +76,9 @@ def flip_rows(x: torch.Tensor, seeds, p: float = 0.5) -> torch.Tensor:
 
 
 def rrc_params(seed: int, height: int, width: int, scale, ratio) -> tuple:
-    """(top, left, h, w) of torchvision's RandomResizedCrop window, drawn from ``seed``."""
-    u = uniforms([seed], 40)[0]
+    """(top, left, h, w) of torchvision's RandomResizedCrop window, drawn from ``seed``
+    (draws 13..52 of its stream: independent of draw_params', which uses 0..12)."""
+    u = uniforms([seed], 53)[0][13:]
     area, log_ratio = height * width, (math.log(ratio[0]), math.log(ratio[1]))
     for k in range(10):
         target = area * (scale[0] + u[4 * k] * (scale[1] - scale[0]))

@@ -26,11 +26,13 @@ rank) and logs each skip with a running count as a warning on the ``data_pipelin
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from configspec import F, Registry
@@ -226,10 +228,29 @@ def _torchvision_loader(cfg, dataset, sampler, batch_size, seed, spec, policy):
     # they are synchronous); the pinning runs in the DataLoader's own thread.
     pin = torch.cuda.is_available()
     workers = loader_workers(cfg["workers"])   # never more than this process's cores allow
+    # On a GPU (or for MoCo, whose colour stage is much cheaper batched) the workers stop at
+    # uint8 and gpu_input.StagedLoader does the rest on the batch, on the training device
+    # (files with the imagenet recipe take decode.py's crop-sized decoding instead).
+    from . import decode
+
+    transform = getattr(dataset, "transform", None)
+    dev = cuda_device()
+    staged = hasattr(transform, "crops_only") and (transform.prefer_batched or (
+        dev is not None and not decode.supports(dataset, spec)))
+    if staged:
+        dataset = copy.copy(dataset)
+        dataset.transform = transform.crops_only()
     if policy == "fail":
-        return build_torchvision_loader(dataset, sampler, batch_size, workers, seed,
-                                        pin_memory=pin, spec=spec)   # spec: decode.py's path
-    return SkippingLoader(dataset, sampler, batch_size, workers, seed, pin_memory=pin)
+        loader = build_torchvision_loader(dataset, sampler, batch_size, workers, seed,
+                                          pin_memory=pin, spec=spec)   # spec: decode.py's path
+    else:
+        loader = SkippingLoader(dataset, sampler, batch_size, workers, seed, pin_memory=pin)
+    if not staged:
+        return loader
+    from .gpu_input import StagedLoader
+
+    return StagedLoader(loader, dataset.transform.stage, sampler, batch_size,
+                        device=None if dev is None else torch.device("cuda", dev))
 
 
 # Every backend reads data.workers and data.on_bad_image; DALI and FFCV add their own keys.
@@ -271,19 +292,21 @@ class _SkipBadDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index = key[0] if isinstance(key, tuple) else int(key)   # (index, seed) keys too
+        seed = key[1] if isinstance(key, tuple) else 0
         try:
-            return (*self.dataset[key], index)
+            return (*self.dataset[key], index, seed)
         except DataError as exc:
-            return None, str(exc), index
+            return None, str(exc), index, seed
 
 
 def _collate_skipping(items):
     good = [it for it in items if it[0] is not None]
     bad = [it[1] for it in items if it[0] is None]
     if not good:
-        return None, None, bad, None
-    xs, ys, index = zip(*good)
-    return torch.stack(xs), torch.stack(ys), bad, torch.tensor(index, dtype=torch.long)
+        return None, None, bad, None, None
+    xs, ys, index, seeds = zip(*good)
+    return (torch.stack(xs), torch.stack(ys), bad, torch.tensor(index, dtype=torch.long),
+            np.asarray(seeds, dtype=np.int64))
 
 
 class SkippingLoader:
@@ -308,12 +331,13 @@ class SkippingLoader:
                                  pin_memory=pin_memory)
         self.skipped = 0
         self.batch_indices = None
+        self.batch_seeds = None   # per-sample seeds of that batch (gpu_input.StagedLoader)
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
-        for x, y, bad, index in self.loader:
+        for x, y, bad, index, seeds in self.loader:
             for msg in bad:
                 self.skipped += 1
                 log.warning("skipped bad image (data.on_bad_image=skip, %d so far): %s",
@@ -321,5 +345,5 @@ class SkippingLoader:
             if x is None:
                 raise DataError(f"every image of a batch is unreadable (first: {bad[0]}); "
                                 f"check the data set")
-            self.batch_indices = index
+            self.batch_indices, self.batch_seeds = index, seeds
             yield x, y

@@ -129,3 +129,16 @@ def test_seeded_random_resized_crop_window_follows_the_recipe():
     assert (ratio > RRC_RATIO[0] * 0.9).all() and (ratio < RRC_RATIO[1] * 1.1).all()
     assert B.rrc_params(7, 60, 80, RRC_SCALE, RRC_RATIO) == B.rrc_params(7, 60, 80, RRC_SCALE,
                                                                           RRC_RATIO)
+
+
+def test_crop_window_and_colour_draws_of_a_view_are_independent():
+    """They share a view's seed; a shared draw made big crops go with no jitter."""
+    from data_pipelines.augment import RRC_RATIO
+
+    seeds = np.arange(N)
+    area = np.array([(lambda w: w[2] * w[3])(B.rrc_params(int(s), 48, 64, MOCO["scale"],
+                                                           RRC_RATIO)) for s in seeds])
+    jitter = B.draw_params(seeds, 3, MOCO)["jitter"]
+    a, b = area[jitter], area[~jitter]
+    se = math.sqrt(a.var() / len(a) + b.var() / len(b))
+    assert abs(a.mean() - b.mean()) <= 4 * se

@@ -69,6 +69,7 @@ PARTS = [
          NEEDS_CUDA + ": set_sync_debug_mode watches CUDA streams"),
     Part("dali_slow_read", i18.part_dali_slow_read, 90, "18.10"),
     Part("moco_exchange", i18.part_moco_exchange, 60, "18.11"),
+    Part("staged_input", parts.part_staged_input, 60, "14.4"),
     Part("rn50_compile", parts.part_rn50_compile, 240, "15",
          NEEDS_CUDA + ": torch.compile's C++ build takes minutes on 2 CPU cores"),
 ]
