@@ -529,3 +529,20 @@ def test_supervised_weight_ema_is_what_is_evaluated_and_saved():
     assert "ema_model.head.fc.weight" in method.state_dict()     # checkpointed
     plain = create_method(load_config(CE, ["model.name=mlp"]), data, torch.device("cpu"))
     assert plain.ema_model is None and plain.final_model() is plain.model
+
+
+@needs_fmnist
+def test_progressive_sampling_through_the_engine(tiny):
+    """train_rule resample + sampler progressive: the method asks for T = sched.epochs and
+    the engine's loader draws with the progressively-balanced sampler."""
+    from data_pipelines.samplers import ProgressivelyBalancedSampler
+    from trainer.engine import Trainer
+    cfg = load_config(CE, tiny + ["run.name=pb", "train_rule.name=resample",
+                                  "train_rule.sampler=progressive", "sched.epochs=2"])
+    trainer = Trainer(cfg)
+    choice = trainer.method.on_epoch_start(1)
+    assert (choice.kind, choice.num_epochs) == ("progressive", 2)
+    res = trainer.fit()
+    sampler = trainer.data.train_loader("progressive", 1)[1]
+    assert isinstance(sampler, ProgressivelyBalancedSampler) and sampler.num_epochs == 2
+    assert res["epochs"] == 2

@@ -109,10 +109,11 @@ TRAIN_RULES = Registry("train_rule.name", default="none", help="re-balancing rul
                                             help="epoch at which DRW / DRS switch on"),
                            "cb_beta": F("float", 0.9999, ge=0, lt=1),
                            "sampler": F("str", "cb", "cb", "class_aware", "class_aware_cyclic",
-                                        "sqrt",
+                                        "sqrt", "progressive",
                                         help="how resample / drs draw: CB weights, class-aware "
-                                             "(i.i.d. or cyclic as classifier-balancing) or "
-                                             "square-root"),
+                                             "(i.i.d. or cyclic as classifier-balancing), "
+                                             "square-root or progressively balanced over "
+                                             "sched.epochs (Kang et al. 2020)"),
                        }})
 TRAIN_RULES.add("none", lambda late, sampler: EpochRule("uniform", False))
 TRAIN_RULES.add("reweight", lambda late, sampler: EpochRule("uniform", True))

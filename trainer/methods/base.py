@@ -30,6 +30,7 @@ class SamplerChoice:
     """How to draw training samples this epoch (see data_pipelines.samplers.build_sampler)."""
     kind: str = "uniform"
     class_weights: list[float] | None = None   # for kind 'cb': per-class sample weights
+    num_epochs: int | None = None              # for kind 'progressive': the epochs T it spans
 
 
 @dataclass(frozen=True)

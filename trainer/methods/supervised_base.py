@@ -42,4 +42,4 @@ class SupervisedBase(Method):
         rule = train_rule(r.name, epoch, r.start_epoch, r.sampler)
         self.loss.set_class_weights(self.cb_weights if rule.reweight else None)
         return SamplerChoice(rule.sampler, None if self.cb_weights is None
-                             else self.cb_weights.tolist())
+                             else self.cb_weights.tolist(), num_epochs=self.cfg.sched.epochs)
