@@ -371,14 +371,15 @@ def test_backend_choice_and_missing_backend_error(monkeypatch, lt_source, tmp_pa
 
 # ----------------------------------------------------------------------------- engine
 
-@pytest.mark.parametrize("backend", [_backend_param(b) for b in ("dali", "ffcv")])
+@each_backend
 def test_engine_trains_fashion_mnist_lt_end_to_end(backend, tiny, tmp_path, betons):
     need(backend)
     from tests.conftest import ROOT
     from trainer.config import load_config
     from trainer.engine import train
 
-    cfg = load_config(os.path.join(ROOT, "configs", f"fmnist_lt_ce_{backend}.yaml"),
+    name = "fmnist_lt_ce" + ("" if backend == "torchvision" else f"_{backend}")
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
                       tiny + ["sched.epochs=1", "sched.milestones=[1]", "data.n_max=40",
                               "data.rho=4", "data.workers=1",
                               "data.dali_threads=1", f"data.beton_dir={betons}",
