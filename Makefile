@@ -1,7 +1,7 @@
 # The two commands of the README. Both set up .venv (and apt packages) on first use.
 PY := .venv/bin/python
 
-.PHONY: setup demo test table ssp-table semi-table inspect bench gpu-check clean
+.PHONY: setup demo test table ssp-table semi-table fidelity-tables inspect bench gpu-check clean
 
 setup:
 	bash tools/setup_env.sh
@@ -26,6 +26,19 @@ ssp-table: setup
 # Semi-supervised: the paper's Table 1 and Figure 2 on Fashion-MNIST-LT.
 semi-table: setup
 	$(PY) tools/run_semi_table.py --out runs/semi_table --jobs 2 --seeds 0
+
+# Issue 13's reruns with the reference settings (docs/fidelity.md), 3 seeds, ~2 h of 2 cores:
+# the supervised rows not in the SSP run (its fmnist_lt_baselines gives CE, cRT, LDAM-DRW),
+# CE / cRT / LDAM-DRW without SSP and after MoCo, and Table 1's endpoints (labels alone,
+# rho_U = 1, rho_U = 2 rho; CE and LDAM-DRW).
+fidelity-tables: setup
+	$(PY) tools/run_table.py --out runs/fidelity_table --jobs 2 --seeds 0 1 2 --configs \
+	  configs/fmnist_lt_cb_ce.yaml configs/fmnist_lt_focal.yaml configs/fmnist_lt_ce_drw.yaml \
+	  configs/fmnist_lt_ce_drs.yaml
+	$(PY) tools/run_table.py --out runs/fidelity_ssp --jobs 2 --seeds 0 1 2 --configs \
+	  configs/fmnist_lt_baselines.yaml configs/fmnist_lt_moco_crt.yaml
+	$(PY) tools/run_semi_table.py --out runs/fidelity_semi --jobs 2 --seeds 0 1 2 \
+	  --rho-u 1 2rho --no-relevance
 
 # Representation of CE without and with MoCo pre-training (needs `make ssp-table`).
 A ?= runs/ssp_table/fmnist_lt_baselines_s0/ce

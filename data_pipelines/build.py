@@ -16,8 +16,8 @@ from configspec import F, Part
 
 from .augment import DEFAULT_STATS, build_transform
 from .datasets import AugmentedDataset
-from .longtail import class_counts, make_lt_subset
-from .samplers import SequentialSampler, build_sampler
+from .longtail import class_counts, make_lt_subset, n_max_for
+from .samplers import SequentialSampler, build_sampler, sampler_options
 from .sources import (FASHION_MNIST_ROOT, SOURCES, DataError, SubsetSource, open_source,
                       select_classes)
 from .torchvision_loader import build_torchvision_loader
@@ -55,20 +55,23 @@ class DataBundle:
     def local_batch(self) -> int:
         return self.cfg["batch_size"] // self.world_size
 
-    def train_loader(self, kind: str, epoch: int, start_batch: int = 0, class_weights=None):
-        """(loader, sampler) positioned at `start_batch` of `epoch`."""
+    def train_loader(self, kind: str, epoch: int, start_batch: int = 0, class_weights=None,
+                     num_epochs=None):
+        """(loader, sampler) positioned at `start_batch` of `epoch` (num_epochs: the schedule
+        a progressively-balanced sampler moves over)."""
         return self.sampled_loader(("train", kind), self.train, kind, self.local_batch, self.seed,
-                                   epoch, start_batch, class_weights)
+                                   epoch, start_batch, class_weights, num_epochs)
 
     def sampled_loader(self, key, dataset, kind: str, local_batch: int, seed: int, epoch: int,
-                       start_batch: int = 0, class_weights=None):
+                       start_batch: int = 0, class_weights=None, num_epochs=None):
         """(loader, sampler) over any dataset with our samplers, DDP shards and backend (e.g. an
         unlabeled pool beside the labeled set), built once per key, positioned at
         `start_batch` of `epoch`."""
         if key not in self._loaders:
             sampler = build_sampler(kind, dataset.source.labels, batch_size=local_batch,
                                     world_size=self.world_size, rank=self.rank, seed=seed,
-                                    class_weights=class_weights)
+                                    class_weights=class_weights, num_epochs=num_epochs,
+                                    **sampler_options(self.cfg))
             from .loaders import make_train_loader  # backend chosen by data.loader
 
             loader = make_train_loader(self.cfg, dataset, sampler, batch_size=local_batch,
@@ -110,7 +113,8 @@ def labeled_split(cfg) -> tuple:
     full_train = open_task_split(cfg, "train")
     train_src = full_train
     if cfg["imbalance"] != "none":
-        train_src = make_lt_subset(full_train, n_max=cfg["n_max"], rho=cfg["rho"],
+        train_src = make_lt_subset(full_train, n_max=n_max_for(cfg["source"], cfg["n_max"]),
+                                   rho=cfg["rho"],
                                    profile=cfg["imbalance"], seed=cfg["lt_seed"],
                                    class_order=class_order(cfg))
     return full_train, train_src

@@ -13,10 +13,12 @@ import numpy as np
 from data_pipelines.build import check_data_paths, labeled_split
 from data_pipelines.list_check import check_data_section
 from data_pipelines.loaders import backend_problems
+from data_pipelines.samplers import epoch_samples
 from data_pipelines.sources import DataError
 from trainer.methods import METHODS
 from trainer.methods.supervised_base import SupervisedBase
 from trainer.optim import describe_lr
+from trainer.protocol import describe_selection
 from trainer.schedules import train_rule
 
 # The shipped ImageNet-LT and iNaturalist configs find their data under this variable
@@ -105,15 +107,15 @@ def _train_counts(stage, report):
     return np.bincount(np.asarray(src.labels), minlength=src.num_classes)
 
 
-def _epoch_text(kind: str, counts, batch: int) -> str:
+def _epoch_text(kind: str, counts, batch: int, class_aware_epoch: str = "max_count") -> str:
     if counts is None:
         return f"steps per epoch unknown: data missing ({kind.replace('_', '-')} sampling)"
     present = int((counts > 0).sum())
-    if kind == "class_aware":
-        n = int(counts.max()) * present
-        how = f"class-aware: {present:,} classes x max {int(counts.max()):,} per class"
+    n = epoch_samples(kind, counts, class_aware_epoch)
+    if n != int(counts.sum()):
+        how = (f"{kind.replace('_', '-')}: {present:,} classes x max {int(counts.max()):,} "
+               f"per class")
     else:
-        n = int(counts.sum())
         how = f"{kind.replace('_', '-')}: the {n:,} training images"
     return f"{n // batch:,} steps x batch {batch} = {n:,} samples per epoch ({how})"
 
@@ -126,11 +128,13 @@ def describe_stages(plan, reports: dict) -> str:
         batch = c.data.batch_size
         counts = _train_counts(stage, reports.get(stage.name))
         epochs = "; ".join((f"from epoch {start}: " if start else "") +
-                           _epoch_text(kind, counts, batch)
+                           _epoch_text(kind, counts, batch, c.data.class_aware_epoch)
                            for kind, start in sampler_kinds(c))
         limit = f", stopping at engine.max_steps {c.engine.max_steps}" if c.engine.max_steps else ""
+        chosen = describe_selection(c, METHODS[c.method.name])   # trainer/protocol.py
         out.append(f"{stage.name}: global batch {batch}, {describe_lr(c.optim, batch)}, "
-                   f"{c.sched.epochs} epochs{limit}; {epochs}; evaluates on {c.eval.split}")
+                   f"{c.sched.epochs} epochs{limit}; {epochs}; evaluates on {c.eval.split}"
+                   + (f"; {chosen}" if chosen else ""))
     return "\n".join(out)
 
 

@@ -122,3 +122,60 @@ def test_ncm_uses_class_means(tiny, stage1):
     torch.testing.assert_close(norms, torch.ones(10))
     assert torch.equal(final["head.fc.bias"], torch.zeros(10))
     assert 0 <= res["balanced_error"] < 90
+
+
+@needs_fmnist
+def test_crt_reference_options(tiny, stage1):
+    """classifier-balancing's cRT: cyclic class-aware sampling (4 images per visit), epochs of
+    N samples, the frozen backbone's BatchNorm in train mode (its statistics move, its
+    weights do not)."""
+    path, init = stage1
+    res, final = run_stage2(tiny, path, "crt_ref", "method.name=crt", "sched.epochs=1",
+                            "classifier.sampler=class_aware_cyclic", "data.samples_per_class=4",
+                            "data.class_aware_epoch=dataset", "classifier.backbone_bn=train")
+    from data_pipelines.longtail import lt_counts
+    n = sum(lt_counts(10, 100, 10))                           # tiny: n_max 100, rho 10: 403
+    assert res["global_step"] == n // 32                      # N / batch steps, as its loop
+    moved = [k for k, v in backbone_of(init).items() if "running_" in k and not torch.equal(v, final[k])]
+    assert moved
+    for k, v in backbone_of(init).items():
+        if "running_" not in k and "num_batches" not in k:
+            assert torch.equal(v, final[k]), k
+
+
+@needs_fmnist
+def test_tau_norm_without_bias_and_ncm_centered(tiny, stage1):
+    path, init = stage1
+    res, final = run_stage2(tiny, path, "tau_nobias", "method.name=tau_norm",
+                            "model.init_head=true", "sched.epochs=0", "tau_norm.bias=false",
+                            "tau_norm.grid=[0.0, 1.0]")
+    assert torch.equal(final["head.fc.bias"], torch.zeros(10))
+    res, final = run_stage2(tiny, path, "ncm_l2", "method.name=ncm", "sched.epochs=0",
+                            "classifier.ncm_metric=centered_l2")
+    norms = final["head.fc.weight"].norm(dim=1)
+    assert (norms <= 1 + 1e-5).all() and (norms < 1 - 1e-3).any()   # means of unit vectors
+    assert not torch.equal(final["head.fc.bias"], torch.zeros(10))  # -c . center
+    assert 0 <= res["balanced_error"] < 90
+
+
+@needs_fmnist
+def test_reference_crt_killed_resumes_bit_identical(tiny, stage1, tmp_path):
+    """The cyclic sampler's window and the moving BatchNorm statistics resume exactly."""
+    import signal
+
+    from tests.conftest import run_cli
+    path, _ = stage1
+    args = [os.path.join(ROOT, "launchers", "train.py"), CE, *tiny, f"run.out_dir={tmp_path}",
+            f"model.init={path}", "method.name=crt", "sched.epochs=2", "sched.warmup_epochs=0",
+            "eval.every_epochs=2", "classifier.sampler=class_aware_cyclic",
+            "data.samples_per_class=4", "data.class_aware_epoch=dataset",
+            "classifier.backbone_bn=train", "checkpoint.every_steps=4"]
+    run_cli(*args, "run.name=ref")
+    proc = run_cli(*args, "run.name=killed", env={"LTT_KILL_AT_STEP": "15"}, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert "resumed from" in run_cli(*args, "run.name=killed").stdout
+    ref = torch.load(tmp_path / "ref" / "model_final.pt", weights_only=True)
+    got = torch.load(tmp_path / "killed" / "model_final.pt", weights_only=True)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
