@@ -13,9 +13,10 @@ sample and cannot shrink the decode. Here each sample is
 3. decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (``Image.draft``) when the crop box is
    at least that many times larger than the output on both sides, so the result is never
    upsampled by the reduction; the box is mapped onto the reduced image;
-4. cropped and resized: an integer box (the train crop at full resolution) by torch's
-   uint8 antialiased bilinear kernel on the HWC pixels, which is what the generic path runs
-   (identical pixels) at about half PIL's cost; a fractional box (reduced decode, eval) by
+4. cropped and resized: an integer box (the train crop at full resolution) decoded by
+   OpenCV when installed (the same libjpeg-turbo pixels as PIL, ~25% less CPU) and resized
+   by torch's uint8 antialiased bilinear kernel on the HWC pixels, which is what the
+   generic path runs (identical pixels) at about half PIL's cost; a fractional box (reduced decode, eval) by
    PIL's ``resize(box=...)`` (the same filter, within 1 level); then flipped and written as
    normalized float32 straight into the batch (allocated in shared memory in a worker), with
    one batched ``__getitems__`` per batch instead of a per-sample collate. The per-sample
@@ -77,16 +78,51 @@ def decode_crop(path: str, box_of, out: int, edge: bool) -> torch.Tensor:
                 box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
         if im.mode not in ("RGB", "L"):
             im = im.convert("RGB")
-        if edge and all(float(v).is_integer() for v in box):
-            # torch's uint8 antialiased resize (AVX2) is ~2x faster than PIL's, and reads
-            # the HWC pixels in place: an integer box needs no resampling at its edges
-            return _resize_u8(_hwc(im)[int(box[1]):int(box[3]), int(box[0]):int(box[2])], out)
-        if edge:   # the crop's border pixels repeat, as in crop-then-resize
-            hull = (math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]),
-                    math.ceil(box[3]))
-            im = im.crop(hull)
-            box = (box[0] - hull[0], box[1] - hull[1], box[2] - hull[0], box[3] - hull[1])
-        return _hwc(im.resize((out, out), Image.BILINEAR, box=box)).permute(2, 0, 1)
+        if not (edge and all(float(v).is_integer() for v in box)):
+            return _crop_resize_pil(im, box, out, edge)
+        # An integer box (the train crop at full resolution): torch's uint8 antialiased
+        # resize (AVX2, ~2x faster than PIL's) on the HWC pixels, no resampling at the edges
+        t, b, l, r = (int(v) for v in (box[1], box[3], box[0], box[2]))
+        full = im.size == (width, height)            # no DCT reduction: OpenCV may decode
+        cv2 = _cv2() if full and im.format == "JPEG" and im.mode == "RGB" else None
+        if cv2 is not None:
+            data = np.fromfile(path, dtype=np.uint8)
+            if b"\xff\xd9" not in data[-64:].tobytes():
+                cv2 = None    # truncated: OpenCV would fill it in grey; PIL raises
+        if cv2 is None:
+            return _resize_u8(_hwc(im)[t:b, l:r], out)
+    # OpenCV's libjpeg-turbo decode: the same pixels as PIL's, ~25% less CPU, no copy out
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None or bgr.shape[:2] != (height, width):
+        raise ValueError("OpenCV cannot decode it")
+    return _resize_u8(torch.from_numpy(bgr)[t:b, l:r], out).flip(0)   # BGR -> RGB
+
+
+def _crop_resize_pil(im, box, out: int, edge: bool) -> torch.Tensor:
+    """A fractional box resized by PIL (the same filter): uint8 [C, out, out]."""
+    from PIL import Image
+
+    if edge:   # the crop's border pixels repeat, as in crop-then-resize
+        hull = (math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3]))
+        im = im.crop(hull)
+        box = (box[0] - hull[0], box[1] - hull[1], box[2] - hull[0], box[3] - hull[1])
+    return _hwc(im.resize((out, out), Image.BILINEAR, box=box)).permute(2, 0, 1)
+
+
+_CV2: list = []
+
+
+def _cv2():
+    """OpenCV when installed (it comes with FFCV), single-threaded; else None (PIL decodes)."""
+    if not _CV2:
+        try:
+            import cv2
+
+            cv2.setNumThreads(1)
+            _CV2.append(cv2)
+        except ImportError:
+            _CV2.append(None)
+    return _CV2[0]
 
 
 def _hwc(im) -> torch.Tensor:

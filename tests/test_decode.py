@@ -128,6 +128,11 @@ def test_gray_model_and_bad_file(tmp_path):
     (tmp_path / src.paths[1]).write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match="im001.JPEG"):
         fast.__getitems__([0, 1])
+    whole = (tmp_path / src.paths[2]).read_bytes()       # truncated: no silent grey fill
+    (tmp_path / src.paths[2]).write_bytes(whole[:len(whole) // 2])
+    _, train, _ = _pair(src, True)
+    with pytest.raises(DataError, match="im002.JPEG"):
+        train.__getitems__([(2, 5)])
 
 
 def test_loader_uses_it_and_keeps_batches(tmp_path):
