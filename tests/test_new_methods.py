@@ -546,3 +546,19 @@ def test_progressive_sampling_through_the_engine(tiny):
     sampler = trainer.data.train_loader("progressive", 1)[1]
     assert isinstance(sampler, ProgressivelyBalancedSampler) and sampler.num_epochs == 2
     assert res["epochs"] == 2
+
+
+def test_dry_run_plan_says_what_selects_and_when_it_is_the_reported_split():
+    from trainer.methods import METHODS
+    from trainer.protocol import describe_selection
+    inat = load_config(CE, POSTHOC + LIST + ["data.val_list=v", "data.test_list=null",
+                                             "eval.split=val"])
+    text = describe_selection(inat, METHODS["logit_adjust"])
+    assert text.startswith("chosen on val (logit_adjust.split)")
+    assert "NOTE: 'val' is also the reported split" in text and "iNaturalist" in text
+    held = load_config(CE, POSTHOC + LIST + ["data.val_list=v", "data.test_list=t"])
+    assert describe_selection(held, METHODS["logit_adjust"]) == "chosen on val (logit_adjust.split)"
+    plain = load_config(CE, ["data.val_per_class=5"])
+    assert describe_selection(plain, METHODS["supervised"]) == \
+        "best epoch on val reported beside the last"
+    assert describe_selection(load_config(CE), METHODS["supervised"]) == ""

@@ -127,3 +127,19 @@ class EpochSelection:
 
     def load_state_dict(self, state: dict) -> None:
         self.best = state.get("best")
+
+
+def describe_selection(cfg, method_cls) -> str:
+    """For --dry-run's plan line: what chooses a hyper-parameter or the epoch, and where it
+    shares the reported split ('' when nothing is chosen)."""
+    splits = [(key, cfg[key.split(".")[0]][key.split(".")[1]])
+              for key in method_cls.eval_split_keys(cfg)]
+    chosen = [(f"chosen on {split} ({key})", split) for key, split in splits]
+    split, _ = best_epoch_split(cfg)
+    if split and cfg.sched.epochs:
+        chosen.append((f"best epoch on {split} reported beside the last", split))
+    parts = [text for text, _ in chosen]
+    if any(s == cfg.eval.split for _, s in chosen):
+        parts.append(f"NOTE: '{cfg.eval.split}' is also the reported split (no other held-out "
+                     f"split in this data set, e.g. iNaturalist 2018)")
+    return "; ".join(parts)
