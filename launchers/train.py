@@ -236,10 +236,15 @@ def main(argv=None) -> int:
         return STOP_EXIT_STATUS
     if os.environ.get("RANK", "0") != "0":  # under torchrun, let rank 0 speak
         return 0
+    print_results(results)
+    return 0
+
+
+def print_results(results: dict):
+    """One line per stage: balanced error and the many / medium / few accuracies."""
     for name, r in results.items():
         shots = " ".join(f"{k} {r[k]:.1f}" for k in ("many", "medium", "few") if r.get(k) is not None)
         print(f"{name}: balanced error {r['balanced_error']:.2f}% (accuracy {shots})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ def test_two_srun_tasks_form_a_group_from_slurm_variables_only(tmp_path):
 def _submit_settings(workers: int, gpus: int, nodes: int = 1):
     import argparse
 
-    from ltrainer.launchers import submit
+    from ltrainer.launchers import slurm_cluster as submit
     from trainer.config import load_config
 
     cfg = load_config(None, [f"data.workers={workers}"])
@@ -260,7 +260,7 @@ def _submit_settings(workers: int, gpus: int, nodes: int = 1):
 @pytest.mark.parametrize("node_cpus,want", [(64, 8), (128, 9), (32, 4)])
 def test_default_cpus_per_task_fits_the_partition_nodes(monkeypatch, node_cpus, want):
     """8 GPUs x (workers 8 + 1) = 72 CPUs would be refused by 64-CPU nodes."""
-    from ltrainer.launchers import submit
+    from ltrainer.launchers import slurm_cluster as submit   # submit.py's cluster checks
 
     def scontrol(*args):
         if args[:2] == ("show", "partition"):

@@ -184,6 +184,16 @@ def test_allowed_edges_still_exist():
     assert not stale, f"remove from ALLOWED (the import is gone): {stale}"
 
 
+def test_layers():
+    """The arrows of README "Layout": configspec <- data_pipelines <- trainer <- scripts."""
+    below = {"configspec": (), "data_pipelines": ("configspec",),
+             "trainer": ("configspec", "data_pipelines", "trainer")}
+    wrong = [f"{m} -> {d}" for m, deps in import_graph().items() for d in deps
+             if m.split(".")[0] in below and d.split(".")[0] != m.split(".")[0]
+             and d.split(".")[0] not in below[m.split(".")[0]]]
+    assert not wrong, f"imports against the layers: {wrong}"
+
+
 def test_the_analysis_finds_hidden_cycles(tmp_path):
     """A function-level import and a relative one close a cycle; TYPE_CHECKING ones do not."""
     pkg = tmp_path / "pkg"

@@ -1,6 +1,7 @@
 """The installed project (issue 17 item 4): the wheel holds no generic top-level package
 (`tools`, `launchers`), every project file has one module name, nothing edits sys.path, the
-console scripts resolve, and one function spawns local ranks."""
+console scripts resolve, launchers call only submitit's public API, and one function spawns
+local ranks."""
 from __future__ import annotations
 
 import ast
@@ -67,6 +68,14 @@ def test_scripts_folders_have_one_module_name():
     assert not found, f"import these as ltrainer.tools / ltrainer.launchers: {found}"
 
 
+def test_only_public_submitit_api():
+    found = [(os.path.relpath(p, ROOT), m) for p in project_files() for m in _imports(p)
+             if m.startswith("submitit.") and m != "submitit.helpers"]
+    text = [os.path.relpath(p, ROOT) for p in project_files("launchers")
+            if "submitit.core" in open(p).read()]
+    assert not found and not text, f"private submitit modules used: {found} {text}"
+
+
 def _console_scripts():
     import tomllib
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
@@ -89,3 +98,33 @@ def test_one_local_spawner():
     found = [os.path.relpath(p, ROOT) for p in project_files(*INSTALLED)
              if spawn.search(open(p).read())]
     assert found == ["trainer/distributed.py"], found
+
+
+def test_scripts_run_by_path_from_the_repository_root():
+    """`python tools/x.py --help` as the README types it: the installed package, no sys.path.
+    The scripts that import other launchers / tools modules (the others import only the
+    library, the same way)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scripts = [os.path.relpath(p, ROOT) for p in project_files("launchers", "tools")
+               if '__name__ == "__main__"' in open(p).read() and "argparse" in open(p).read()
+               and "from ltrainer." in open(p).read()]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def run(script):
+        proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        return script, proc.returncode, proc.stderr[-500:]
+
+    with ThreadPoolExecutor(2) as pool:
+        failed = [r for r in pool.map(run, scripts) if r[1] != 0]
+    assert len(scripts) >= 8 and not failed, failed
+
+
+def test_library_files_stay_small():
+    """No file under trainer/, data_pipelines/ or launchers/ over 500 lines (issue 17): a file
+    that grows past it does more than one job; split it by job."""
+    long = {os.path.relpath(p, ROOT): n for p in project_files("trainer", "data_pipelines",
+                                                                "launchers")
+            if (n := sum(1 for _ in open(p))) > 500}
+    assert not long, long

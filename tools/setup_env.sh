@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh Debian machine, idempotent: system packages (when root), a virtual
 # environment in .venv and the project with its test dependencies. `make demo` / `make test`
-# call it; it does nothing when the stamp file is newer than pyproject.toml.
+# call it; it does nothing when the stamp file is newer than pyproject.toml and setup.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 STAMP="$VENV/.installed"
 
-if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt tools/setup_env.sh ]; then
+if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt setup.py ] \
+   && [ "$STAMP" -nt tools/setup_env.sh ]; then
   exit 0
 fi
 
