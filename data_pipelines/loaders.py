@@ -9,16 +9,18 @@ never knows which one runs. Every backend
 - yields ``(images, labels)``: images float32 ``[B, C, H, W]`` (``[B, 2, C, H, W]`` for the
   two MoCo views), contiguous NCHW, normalized with the same mean/std; labels int64 ``[B]``.
   Tensors may be on CPU or on the training GPU; the engine moves them either way;
-- applies the same augmentation recipe (``AugmentSpec``), each with its own ops. The random
-  draws differ between backends, so bit-exact pixels are not shared: an exact mid-epoch resume
-  reproduces the sample ORDER with every backend, and the augmented pixels only with
-  torchvision (whose augmentation is seeded per sample).
+- applies the same augmentation recipe (``AugmentSpec``, declared once in augment.py), its
+  native parts with its own ops and the rest (MoCo's colour and blur, flips, the "small" crop)
+  in batch_aug.py's shared stage, drawn from the per-sample seeds: an exact mid-epoch resume
+  reproduces the order with every backend and the pixels with every backend but DALI's and
+  FFCV's RandomResizedCrop windows (their own draws).
 
 ``auto`` rule (`choose_backend`): DALI when a CUDA device is visible and DALI is installed;
 else FFCV when it is installed and this dataset's .beton already exists in ``data.beton_dir``;
 else torchvision. Asking by name for a backend that is not installed fails at start-up with the
-package to install. Each backend library is imported only by its own module (dali_loader.py,
-ffcv_loader.py), and only once that backend is asked for.
+package to install. Each backend library is imported only by its own modules (dali_loader.py;
+ffcv_loader.py, ffcv_beton.py, ffcv_ops.py), and only once that backend is asked for; they
+never import this module (no cycle): each registers here as a `Backend`.
 
 Bad images (``data.on_bad_image``): 'fail' stops with the file's path (and list line); 'skip'
 drops the image from its batch (the batch gets smaller, the step count stays the same on every
