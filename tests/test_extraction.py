@@ -24,7 +24,7 @@ N, DIM, CLASSES = 23, 8, 5
 
 def test_monitor_bank_adds_its_own_size_not_the_freed_batches():
     """glibc kept the freed batch buffers of the pass (172-287 MB added for a 59 MB bank here,
-    1.2-1.8 GB per rank on the iNat bench); with the heap bounded (extraction.bound_heap, at
+    1.2-1.8 GB per rank on the iNat bench); with the heap bounded (extraction.bounded_heap, in
     every embed) the pass adds the bank and little more."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

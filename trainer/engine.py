@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .config import Config, save_config
 from .divergence import check_loss
-from .extraction import bound_heap
+from .extraction import heap_bounded
 from .methods.base import Batch
 from .metrics import metrics_from_confusion, plot_per_class_accuracy
 from .models import export_torchvision_state_dict
@@ -358,6 +358,7 @@ class Trainer:
         return pred.long().cpu().numpy(), true.cpu().numpy()
 
     @torch.no_grad()
+    @heap_bounded   # freed batch buffers go back to the system (extraction.bounded_heap)
     def embed(self, split: str, fn, gather: bool = True, indices: bool = False,
               on_batch=None) -> tuple:
         """fn(images) for every sample of a split, in dataset order, on every rank (float32);
@@ -368,7 +369,6 @@ class Trainer:
         on_batch(out, labels), or on_batch(out, labels, dataset_indices) with indices=True:
         called with each real batch's rows instead of keeping them (memory independent of the
         split: trainer/extraction.py's sinks); the rows returned are then empty."""
-        bound_heap()   # freed batch buffers go back to the system (extraction.bound_heap)
         was_training = self.model.training
         self.model.eval()
         loader = self.data.eval_loader(split)

@@ -14,11 +14,13 @@ and the consumers:
 - `assemble_rows`: chunk files -> one .npy, chunk by chunk through a memory map, rows placed
   by their dataset index (rank 0, memory: one chunk plus N labels).
 
-`bound_heap` keeps glibc from holding on to the freed batch buffers of such a pass.
+`bounded_heap` keeps glibc from holding on to the freed batch buffers of such a pass.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import glob
 import json
 import math
@@ -33,31 +35,56 @@ from . import distributed as dist_utils
 from .checkpoint import atomic_write
 
 MANIFEST = "manifest.json"
-_HEAP = {"bounded": False}
-M_MMAP_THRESHOLD = -3          # mallopt parameters (malloc.h)
-HEAP_MMAP_THRESHOLD = 1 << 16  # buffers of >= 64 KB are mmapped, so freeing returns them
+_HEAP = {"depth": 0}
+M_MMAP_THRESHOLD = -3            # mallopt parameter (malloc.h)
+HEAP_MMAP_THRESHOLD = 1 << 16    # in a pass: buffers of >= 64 KB are mmapped, freeing returns them
+TRAIN_MMAP_THRESHOLD = 32 << 20  # after it: glibc's own upper bound (DEFAULT_MMAP_THRESHOLD_MAX)
 
 
 class ExtractionError(ValueError):
     """A pass that cannot go on as asked; the message names the folder and the fix."""
 
 
-def bound_heap() -> bool:
-    """Fix glibc's mmap threshold at 64 KB (once per process).
-
-    glibc raises its threshold to the size of the last freed mmapped buffer (up to 32 MB), so
-    after the first few batches every batch-sized tensor comes from the heap, and a heap with
-    long-lived blocks interleaved keeps the freed ones: a 427 MB kNN bank cost 1.2-1.8 GB of
-    RSS per rank (README "Scale"). With the threshold fixed, freed batches go back to the
-    system at once. False where mallopt does not exist (not glibc)."""
-    if _HEAP["bounded"]:
-        return True
+def _mallopt(param: int, value: int) -> bool:
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        _HEAP["bounded"] = bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD))
-    except (OSError, AttributeError):
+        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
+    except (OSError, AttributeError):   # not glibc
         return False
-    return _HEAP["bounded"]
+
+
+@contextlib.contextmanager
+def bounded_heap():
+    """Within: glibc's mmap threshold fixed at 64 KB, so freed batch buffers go back to the
+    system at once. glibc raises its threshold to the size of the last freed mmapped buffer (up
+    to 32 MB), so after the first few batches every batch-sized tensor comes from the heap, and
+    a heap with long-lived blocks interleaved keeps the freed ones: a 427 MB kNN bank cost
+    1.2-1.8 GB of RSS per rank (README "Scale"). On leaving: a fixed 32 MB threshold (where
+    glibc's own would end up) and the heap's free top trimmed, so training, whose every
+    allocation would cost an mmap / munmap under 64 KB (+30 % CPU time in tools/bench_train.py),
+    is not slowed. Reentrant; a no-op where mallopt does not exist."""
+    first = _HEAP["depth"] == 0
+    if first:
+        _mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
+    _HEAP["depth"] += 1
+    try:
+        yield
+    finally:
+        _HEAP["depth"] -= 1
+        if first:
+            _mallopt(M_MMAP_THRESHOLD, TRAIN_MMAP_THRESHOLD)
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
+
+
+def heap_bounded(fn):
+    """Decorator: fn runs inside bounded_heap() (Trainer.embed)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with bounded_heap():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 class BlockRows:
@@ -222,7 +249,6 @@ def run_chunks(part: str, dataset, forward, identity: dict, *, chunk_size: int =
     share the chunks still missing, so a killed pass resumes with any number of ranks.
     `identity` is what a resumed pass must agree with. Returns the number of chunks; every
     rank returns once all chunks exist."""
-    bound_heap()
     nchunks = math.ceil(len(dataset) / chunk_size)
     todo = None
     if rank == 0:
@@ -231,11 +257,12 @@ def run_chunks(part: str, dataset, forward, identity: dict, *, chunk_size: int =
     todo = dist_utils.broadcast_object(todo)
     if isinstance(todo, str):
         raise ExtractionError(todo)
-    for c in tqdm(todo[rank::world_size], desc=desc, unit="chunk",
-                  disable=not progress or rank != 0):
-        rows = list(range(c * chunk_size, min(len(dataset), (c + 1) * chunk_size)))
-        feats, labels = _run_chunk(dataset, rows, forward, batch_size, workers, dtype)
-        _save_chunk(chunk_path(part, c), feats, labels, rows)
+    with bounded_heap():
+        for c in tqdm(todo[rank::world_size], desc=desc, unit="chunk",
+                      disable=not progress or rank != 0):
+            rows = list(range(c * chunk_size, min(len(dataset), (c + 1) * chunk_size)))
+            feats, labels = _run_chunk(dataset, rows, forward, batch_size, workers, dtype)
+            _save_chunk(chunk_path(part, c), feats, labels, rows)
     dist_utils.barrier()
     return nchunks
 

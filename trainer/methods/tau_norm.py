@@ -10,7 +10,7 @@ import torch
 
 import configspec as spec
 
-from .. import distributed as dist_utils
+from ..extraction import HitCounts
 from ..metrics import balanced_accuracy
 from ..models import LinearHead
 from .registry import register
@@ -71,14 +71,11 @@ class TauNorm(FrozenBackbone):
         split, grid, c = self.cfg.tau_norm.split, self.cfg.tau_norm.grid, self.data.num_classes
         # Per batch, every tau's prediction (no features kept); per rank, each tau's per-class
         # hits and totals, summed over the ranks (2 x grid x C numbers, whatever the split).
-        preds, labels = trainer.embed(split, lambda x: torch.stack(
+        hits = HitCounts(c, len(grid), trainer.device)     # extraction service sink
+        trainer.embed(split, lambda x: torch.stack(
             [self.logits(self.model.backbone(x), tau).argmax(1) for tau in grid], 1),
-            gather=False)
-        y = labels.long()
-        hits = torch.stack([torch.bincount(y[preds[:, i].long() == y], minlength=c)
-                            for i in range(len(grid))])
-        counts = dist_utils.all_reduce_sum(torch.cat([hits, torch.bincount(y, minlength=c)[None]]))
-        counts = counts.cpu().numpy()
+            gather=False, on_batch=hits)
+        counts = hits.total()
         for i, tau in enumerate(grid):
             self.search[f"{tau:g}"] = balanced_accuracy(counts[i], counts[-1])
         best = max(self.search, key=self.search.get)
