@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import signal
-import threading
 import time
 
 import numpy as np
@@ -38,31 +36,13 @@ from .run_log import PlanPosition, Progress, RunLog
 from .schedules import lr_factor
 from .serving import build_method
 from .step_context import StepContext
+from .stops import (_STOP, STOP_EXIT_STATUS, STOP_SIGNALS, Preempted,  # noqa: F401 (re-exported)
+                    install_stop_signals, request_stop)
 
-_STOP = threading.Event()
 # With several processes the ranks agree on a stop request (one all-reduce and a host sync)
 # every this many steps and at each epoch's end, at the same steps on every rank; one process
 # checks its flag at every step boundary.
 STOP_CHECK_EVERY = 10
-
-
-class Preempted(Exception):
-    """Raised after a requested stop has been checkpointed; re-running resumes exactly."""
-
-
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-STOP_EXIT_STATUS = 143   # launchers/train.py: a stop was checkpointed; re-run to resume
-
-
-def request_stop(*_signal_args):
-    """Ask the running Trainer to checkpoint at the next step boundary and raise Preempted.
-    Safe to call from a signal handler (SIGUSR2/SIGTERM from Slurm, submitit's checkpoint())."""
-    _STOP.set()
-
-
-def install_stop_signals(signals=STOP_SIGNALS):
-    for s in signals:
-        signal.signal(s, request_stop)
 
 
 def seed_everything(seed: int):
