@@ -204,6 +204,7 @@ def knn_rank(args) -> dict:
     import torch.distributed as dist
 
     from trainer.engine import Trainer
+    from trainer.extraction import bounded_heap
     from trainer.methods.ssl_base import SelfSupervised
 
     torch.set_num_threads(1)
@@ -248,7 +249,8 @@ def knn_rank(args) -> dict:
     bank_mb = sum(b.element_size() * b.nelement() for b in method.bank) / 2 ** 20
     queries = torch.randn(batch, args.dim)
     t0 = time.perf_counter()
-    method.predict(model, queries)
+    with bounded_heap():   # as inside the engine, whose predict runs in Trainer.embed
+        method.predict(model, queries)
     query_s = time.perf_counter() - t0
     dist.barrier()
     dist.destroy_process_group()
