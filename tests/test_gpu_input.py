@@ -1,7 +1,10 @@
 """The device-side input path (data_pipelines/gpu_input.py) on the CPU: uint8 batches from the
 workers, the shared stage on the batch; the same pixels as the per-sample path, the seeds of
 the right samples even when bad images are dropped, and chosen automatically."""
+import os
+
 import numpy as np
+import pytest
 import torch
 
 import data_pipelines.loaders as L
@@ -10,6 +13,7 @@ from data_pipelines.datasets import AugmentedDataset
 from data_pipelines.gpu_input import StagedLoader
 from data_pipelines.samplers import build_sampler
 from data_pipelines.sources import ArraySource, DataError
+from tests.conftest import FMNIST
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -92,3 +96,46 @@ def test_staged_normalisation_equals_the_workers(monkeypatch):
             want = tf(img)
             got = crops.stage(crops(img)[None])[0]
             assert torch.allclose(got, want.as_subclass(torch.Tensor), atol=1e-5), augment
+
+
+def _device_reads_in_training(monkeypatch, overrides):
+    """Calls that read a tensor's value on the host (each a device sync on a GPU) while
+    Trainer.train_epoch runs."""
+    from trainer.config import load_config
+    from trainer.engine import Trainer, train
+
+    count, inside = [0], [False]
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, **k):
+            if inside[0]:
+                count[0] += 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    real_epoch = Trainer.train_epoch
+
+    def epoch(self):
+        inside[0] = True
+        try:
+            return real_epoch(self)
+        finally:
+            inside[0] = False
+    monkeypatch.setattr(Trainer, "train_epoch", epoch)
+    train(load_config(None, overrides))
+    monkeypatch.undo()
+    return count[0]
+
+
+@pytest.mark.skipif(not os.path.exists(FMNIST), reason="apt-get install dataset-fashion-mnist")
+def test_training_steps_read_no_device_value_outside_logging(monkeypatch, tiny, tmp_path):
+    """Single process: the stop check is a host flag and the loss is read only at logging
+    steps, so more steps between two logs must not mean more host reads."""
+    base = [o for o in tiny if not o.startswith(("sched.", "engine.log_every", "data.n_max"))]
+    base += ["sched.epochs=1", "sched.milestones=[1]", "sched.warmup_epochs=0",
+             "eval.every_epochs=0", "engine.log_every=1000", "method.name=supervised"]
+    few = _device_reads_in_training(monkeypatch, base + ["data.n_max=40",
+                                                         f"run.out_dir={tmp_path}/a"])
+    many = _device_reads_in_training(monkeypatch, base + ["data.n_max=120",
+                                                          f"run.out_dir={tmp_path}/b"])
+    assert many == few, (few, many)
