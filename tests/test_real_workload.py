@@ -103,7 +103,13 @@ def test_plan_prints_batch_lr_steps_and_crt_samples_even_without_images(tmp_path
                                                                         monkeypatch):
     monkeypatch.setenv("LTRAINER_DATA", str(tmp_path))
     write_set(tmp_path / "imagenet_lt", imagenet_lt_lists(1000), images=False)
+    # the config's cRT is the reference's (docs/fidelity.md): epochs of N / batch steps
     rc, out, err = dry_run(capsys, INLT, "data.batch_size=64", "crt.data.batch_size=500")
+    assert ("crt: global batch 500, lr 0.195312 (optim.lr 0.2 x batch 500 / optim.ref_batch "
+            "512), 10 epochs; 6 steps x batch 500 = 3,000 samples per epoch (class-aware-cyclic: "
+            "the 3,000 training images)") in out
+    rc, out, err = dry_run(capsys, INLT, "data.batch_size=64", "crt.data.batch_size=500",
+                           "crt.classifier.sampler=class_aware", "crt.data.class_aware_epoch=max_count")
     assert rc == 2 and "holds none of the" in err or "folder not found" in err
     # 1,000 classes with 1..5 images: 3,000 training images; cRT draws 1,000 x 5 per epoch
     assert ("ce: global batch 64, lr 0.1 (optim.lr 0.2 x batch 64 / optim.ref_batch 128), "
