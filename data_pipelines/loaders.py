@@ -236,7 +236,7 @@ def _torchvision_loader(cfg, dataset, sampler, batch_size, seed, spec, policy):
     from . import decode
 
     transform = getattr(dataset, "transform", None)
-    dev = cuda_device()
+    dev = cuda_device() if hasattr(transform, "crops_only") else None
     staged = hasattr(transform, "crops_only") and (transform.prefer_batched or (
         dev is not None and not decode.supports(dataset, spec)))
     if staged:
