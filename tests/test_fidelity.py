@@ -191,6 +191,31 @@ def test_backbone_bn_option_checks():
     assert torch.equal(before, model.backbone.bn1.running_mean)
 
 
+def _bn_worker(out):
+    from trainer import distributed as dist_utils
+    from trainer.methods.classifier_base import average_bn_stats
+    info = dist_utils.setup("cpu")
+    torch.set_num_threads(1)
+    model = create_model("resnet8", 10)
+    for m in model.backbone.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(info.rank * 2.0)            # rank 0: 0, rank 1: 2
+            m.running_var.fill_(1.0 + info.rank)             # 1 and 2
+    average_bn_stats(model.backbone)
+    torch.save(model.backbone.bn1.state_dict(), f"{out}/bn{info.rank}.pt")
+
+
+def test_backbone_bn_statistics_averaged_over_ranks(tmp_path):
+    """backbone_bn train on 2 gloo processes: after a step every rank holds the mean of the
+    ranks' running statistics (1 and 1.5 here), so checkpoints and evaluation agree."""
+    from trainer import distributed as dist_utils
+    dist_utils.run_local(_bn_worker, 2, {"out": str(tmp_path)})
+    for r in range(2):
+        bn = torch.load(tmp_path / f"bn{r}.pt", weights_only=True)
+        assert torch.equal(bn["running_mean"], torch.ones(16))
+        assert torch.equal(bn["running_var"], torch.full((16,), 1.5))
+
+
 # -------------------------------------------------------- 8. LDAM-DRW / semi-self weights
 def _reference_layout(model, head_key: str, cosine: bool) -> dict:
     """Our ResNet-32's weights as LDAM-DRW (head_key 'linear') or imbalanced-semi-self

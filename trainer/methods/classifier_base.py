@@ -99,8 +99,10 @@ class FrozenBackbone(Method):
         set_backbone_bn(self.model.backbone, self.cfg.classifier.backbone_bn)
         return SamplerChoice(self.cfg.classifier.sampler or self.default_sampler)
 
-    def prepare_eval(self, ctx) -> None:
-        if self.cfg.classifier.backbone_bn == "train":
+    def on_step_end(self, model, ctx) -> None:
+        # backbone_bn train: each rank's statistics followed its own batches; averaged after
+        # every step, all ranks hold (and checkpoint, and resume) the same ones.
+        if self.cfg.classifier.backbone_bn == "train" and ctx.info.world_size > 1:
             average_bn_stats(self.model.backbone)
 
     @torch.no_grad()
@@ -124,9 +126,12 @@ def set_backbone_bn(backbone: torch.nn.Module, mode: str) -> None:
 
 
 def average_bn_stats(module: torch.nn.Module) -> None:
-    """Average BatchNorm running statistics over the ranks (each rank's followed its own
-    batches), so that every rank evaluates, and saves, the same model."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            m.running_mean.copy_(dist_utils.all_reduce_mean(m.running_mean))
-            m.running_var.copy_(dist_utils.all_reduce_mean(m.running_var))
+    """Average BatchNorm running statistics over the ranks, in one all-reduce."""
+    stats = [t for m in module.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+             for t in (m.running_mean, m.running_var)]
+    if not stats:
+        return
+    flat = dist_utils.all_reduce_mean(torch.cat([t.flatten() for t in stats]))
+    for t, v in zip(stats, flat.split([t.numel() for t in stats])):
+        t.copy_(v.view_as(t))

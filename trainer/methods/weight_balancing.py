@@ -67,6 +67,7 @@ class WeightBalancing(FrozenBackbone):
         self.radius = max_norm_radius(self.model.head.fc.weight, cfg.max_norm.threshold)
 
     def on_step_end(self, model, ctx) -> None:
+        super().on_step_end(model, ctx)
         project_max_norm(self.model.head.fc.weight, self.radius)
 
     def summary(self) -> dict:
