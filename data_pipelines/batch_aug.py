@@ -66,9 +66,14 @@ def pad_crop_flip(x: torch.Tensor, seeds, size: int, pad: int) -> torch.Tensor:
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def flip_mask(seeds, p: float = 0.5) -> np.ndarray:
+    """Which samples flip: draw 12 of each seed's stream (draw_params' "flip")."""
+    return uniforms(seeds, 13)[:, 12] < p
+
+
 def flip_rows(x: torch.Tensor, seeds, p: float = 0.5) -> torch.Tensor:
     """Mirror (in place, last axis) the samples whose seed draws a flip (draw_params' flip)."""
-    rows = np.nonzero(uniforms(seeds, 13)[:, 12] < p)[0]
+    rows = np.nonzero(flip_mask(seeds, p))[0]
     if len(rows):
         idx = torch.from_numpy(rows).to(x.device)
         x[idx] = x[idx].flip(-1)
@@ -118,7 +123,7 @@ def draw_params(seeds, colour_channels: int, moco: dict, flip_p: float = 0.5) ->
         "gray": (u[:, 9] < moco["gray_p"]) & rgb,
         "blur": u[:, 10] < moco["blur_p"],
         "sigma": blur_lo + u[:, 11] * (blur_hi - blur_lo),
-        "flip": uniforms(seeds, 13)[:, 12] < flip_p,
+        "flip": flip_mask(seeds, flip_p),
     }
 
 

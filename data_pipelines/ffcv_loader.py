@@ -38,10 +38,10 @@ from ffcv.transforms import ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
 from .augment import MOCO, RRC_RATIO, RRC_SCALE, AugmentSpec
-from .batch_aug import BatchAugment, flip_rows
+from .batch_aug import BatchAugment, flip_mask
 from .ffcv_beton import (beton_path_for, dataset_fingerprint, ensure_beton,  # noqa: F401
                          read_sidecar, sidecar_path, write_beton)
-from .ffcv_ops import CenterCrop, NormalizeCHW
+from .ffcv_ops import CenterCrop, NormalizeCHW, flip_in_place
 from .flat import flatten_source, note_skips
 from .samplers import sample_seeds
 from .sources import DataError
@@ -213,7 +213,10 @@ class FfcvLoader:
         GPU work."""
         if not self.uint8_out:
             x = views[0]
-            return flip_rows(x, seeds, self.spec.flip_p) if self.spec.flip else x
+            if self.spec.flip:
+                rows = np.nonzero(flip_mask(seeds, self.spec.flip_p))[0].astype(np.int64)
+                flip_in_place(x.numpy(), rows)
+            return x
         if self.on_device:
             views = [v.to(self.device, non_blocking=False) for v in views]
         x = torch.stack([v.permute(0, 3, 1, 2) for v in views], 1)

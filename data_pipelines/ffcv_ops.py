@@ -50,6 +50,21 @@ def _pad_crop_flip(src, dst, top, left, flip):
                 dst[y, x, k] = src[sy, sx, k] if inside else 0
 
 
+@numba.njit(nogil=True, cache=True, parallel=True)
+def flip_in_place(images, rows):
+    """Mirror images[rows] along the last axis, in place (float32 NCHW): one pass over half
+    of each row, in parallel; torch's gather-flip-scatter took ~40 ms per 64 x 224 px batch."""
+    n, c, h, w = images.shape
+    for t in numba.prange(len(rows) * c * h):
+        i, rest = rows[t // (c * h)], t % (c * h)
+        k, y = rest // h, rest % h
+        row = images[i, k, y]
+        for x in range(w // 2):
+            v = row[x]
+            row[x] = row[w - 1 - x]
+            row[w - 1 - x] = v
+
+
 @numba.njit(**_JIT)
 def _normalize_chw(src, dst, scale, offset, flip, luma):
     """HWC uint8 RGB -> CHW float32 ``x * scale + offset`` per channel, mirrored if ``flip``.
