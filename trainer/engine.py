@@ -22,6 +22,7 @@ from data_pipelines.cpus import cpus_per_process
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from .accumulate import accumulated_step
 from .config import Config, save_config
 from .divergence import check_loss
 from .extraction import heap_bounded
@@ -29,6 +30,7 @@ from .methods.base import Batch
 from .metrics import metrics_from_confusion, plot_per_class_accuracy
 from .models import export_torchvision_state_dict
 from .optim import build_optimizer, describe_lr, scaled_lr
+from .protocol import EpochSelection
 from .run_folder import RunFolder
 from .results import (PER_CLASS, describe_class_counts, finished_message, split_results,
                       write_results)
@@ -88,6 +90,7 @@ class Trainer:
                              f"by the number of processes ({world})")
         self.data = build_data(cfg.data, rank=self.info.rank, world_size=world,
                                seed=cfg.run.seed, eval_splits=(cfg.eval.split,))
+        self.selection = EpochSelection(cfg, self.data.class_counts)   # last / best-val epoch
         self.memory_format = (torch.channels_last if cfg.model.channels_last
                               else torch.contiguous_format)
         # the method, and what it declared it needs served (unlabeled batches, a feature cache)
@@ -135,7 +138,8 @@ class Trainer:
             "progress": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                          "global_step": self.global_step, "eval_pending": self.eval_pending,
                          "metrics_records": self.log.records, "first_loss": self.first_loss,
-                         "train_seconds": self.train_seconds()},
+                         "train_seconds": self.train_seconds(),
+                         "selection": self.selection.state_dict()},
             "rng": rng if rng is not None else [ckpt.rng_state()],   # one state per rank
         }
 
@@ -176,6 +180,7 @@ class Trainer:
             self.eval_pending = self.step_in_epoch == 0 and self._eval_due()
         self.seconds_before = p.get("train_seconds", 0.0)
         self.first_loss = p.get("first_loss")
+        self.selection.load_state_dict(p.get("selection", {}))
         ckpt.set_rng_state(ckpt.rank_rng_state(state["rng"], self.info.rank))
         self.log.truncate_metrics(keep=p.get("metrics_records"), last_step=self.global_step)
         self.log.info(f"resumed from {path}: epoch {self.epoch}, step {self.step_in_epoch} "
@@ -197,8 +202,11 @@ class Trainer:
             g["lr"] = g["base_lr"] * f
         return base * f
 
-    def _optimizer_step(self, loss: torch.Tensor):
-        self.scaler.scale(loss).backward()
+    def _forward(self, batch: Batch, ctx: StepContext):
+        with self.autocast():
+            return self.method.training_step(self.train_model, batch, ctx)
+
+    def _optimizer_step(self):
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), self.cfg.optim.grad_clip)
@@ -216,7 +224,7 @@ class Trainer:
         self.supply.before_epoch(self.embed, os.path.join(self.run_dir, "feature_cache"))
         choice = self.method.on_epoch_start(self.epoch)
         loader, sampler = self.data.train_loader(choice.kind, self.epoch, self.step_in_epoch,
-                                                 class_weights=choice.class_weights)
+                                                 choice.class_weights, choice.num_epochs)
         steps = sampler.num_batches
         if steps == 0:
             raise ValueError(f"data.batch_size = {cfg.data.batch_size} is larger than one epoch "
@@ -230,9 +238,10 @@ class Trainer:
             images, labels = self._to_device(batch)
             ctx = self.ctx.at(self.global_step, self.epoch)
             batch = Batch(images, labels, *self.supply.unlabeled())
-            with self.autocast():
-                loss, logs = self.method.training_step(self.train_model, batch, ctx)
-            self._optimizer_step(loss)
+            loss, logs = accumulated_step(   # optim.accum_steps micro-batches (accumulate.py)
+                lambda b: self._forward(b, ctx), lambda l: self.scaler.scale(l).backward(),
+                batch, cfg.optim.accum_steps, getattr(self.train_model, "no_sync", None))
+            self._optimizer_step()
             self.method.on_step_end(self.train_model, ctx)
             self.global_step += 1
             self.step_in_epoch += 1
@@ -315,7 +324,7 @@ class Trainer:
         self._t0 = time.time()
         while True:
             if self.eval_pending:          # after an epoch, or resumed before its evaluation
-                self.evaluate()
+                self.selection.evaluate(self.epoch, self.evaluate)
                 self.eval_pending = False
                 if self.stop_requested():  # asked during the evaluation: keep it
                     self._stop()
@@ -329,10 +338,12 @@ class Trainer:
         return self.finish(self.train_seconds())
 
     # ------------------------------------------------------------------ evaluation
-    def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, split: str, prepare: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Predicted and true labels of this rank's shard of a split (nothing is gathered:
-        evaluate() merges the ranks' confusion counts)."""
-        self.method.prepare_eval(self.ctx.at(self.global_step, self.epoch))
+        evaluate() merges the ranks' confusion counts); prepare=False: the method's
+        prepare_eval of this round already ran (a second split of one evaluation round)."""
+        if prepare:
+            self.method.prepare_eval(self.ctx.at(self.global_step, self.epoch))
         pred, true = self.embed(split, lambda x: self.method.predict(self.model, x).argmax(1),
                                 gather=False)
         return pred.long().cpu().numpy(), true.cpu().numpy()
@@ -401,10 +412,10 @@ class Trainer:
                dist_utils.all_gather_cat(labels, sizes)[order])
         return (*out, ids[order]) if indices else out
 
-    def evaluate(self, split: str | None = None) -> dict:
+    def evaluate(self, split: str | None = None, prepare: bool = True) -> dict:
         split = split or self.cfg.eval.split
         dist_utils.broadcast_buffers(self.synced_modules())   # every rank evaluates rank 0's
-        pred, true = self.predict(split)
+        pred, true = self.predict(split, prepare)
         c = self.data.num_classes   # sparse confusion counts per rank, summed over the ranks
         codes, counts = np.unique(true.astype(np.int64) * c + pred, return_counts=True)
         codes, counts = dist_utils.merge_counts(codes, counts, self.device)
@@ -424,7 +435,7 @@ class Trainer:
         """Final evaluation, weights and results; returns what results.json holds (the per-class
         arrays go to results_per_class.npz). A run that engine.max_steps stopped before its
         schedule's end is marked "partial"; raising the budget continues it (run_folder)."""
-        m = self.evaluate()
+        m = self.selection.evaluate(self.epoch, self.evaluate)
         partial = self.epoch < self.cfg.sched.epochs
         results = {"partial": partial, "max_steps": self.cfg.engine.max_steps, "name": self.cfg.run.name, "method": self.cfg.method.name,
                    "loss": self.cfg.loss.name, "train_rule": self.cfg.train_rule.name,
@@ -432,7 +443,7 @@ class Trainer:
                    "split": self.cfg.eval.split, "epochs": self.epoch,
                    "global_step": self.global_step, "world_size": self.info.world_size,
                    "train_seconds": round(seconds, 1), "class_counts": self.data.class_counts,
-                   **self.method.summary(), **m}
+                   **self.method.summary(), **m, **self.selection.results(self.epoch, m)}
         if self.info.is_main:
             d = self.run_dir
             final = self.method.final_model()
