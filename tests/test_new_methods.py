@@ -562,3 +562,10 @@ def test_dry_run_plan_says_what_selects_and_when_it_is_the_reported_split():
     assert describe_selection(plain, METHODS["supervised"]) == \
         "best epoch on val reported beside the last"
     assert describe_selection(load_config(CE), METHODS["supervised"]) == ""
+
+
+def test_tau_norm_may_not_choose_tau_on_the_reported_split_either():
+    with pytest.raises(ConfigError, match=r"tau_norm\.split = 'test' selects on the split the "
+                                          r"results report"):
+        load_config(CE, ["method.name=tau_norm", "model.init=x", "model.init_head=true",
+                         "sched.epochs=0", "sched.warmup_epochs=0", "tau_norm.split=test"])

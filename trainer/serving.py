@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from configspec import Part
-from data_pipelines.build import split_problem
 from data_pipelines.datasets import AugmentedDataset
 from data_pipelines.samplers import mix_seeds
 from data_pipelines.sources import SubsetSource
@@ -26,6 +25,7 @@ from .distributed import batch_to_device
 from .extraction import cache_split
 from .methods import METHODS, create_method, method_class
 from .methods.base import Method, TaskShape
+from .protocol import check_selection
 
 
 class UnlabeledStream:
@@ -125,12 +125,9 @@ def check_needs(cfg, fail) -> None:
         return
     if cls.needs(cfg).pool:
         check_pool(cfg, fail)
-    for key in cls.eval_split_keys(cfg):
+    for key in cls.eval_split_keys(cfg):   # they choose tau: held out from eval.split too
         section, name = key.split(".")
-        split = cfg[section][name]
-        problem = split_problem(cfg, split)
-        if problem:
-            fail(key, f"{key} = {split!r}: {problem}")
+        check_selection(cfg, fail, key, cfg[section][name])   # trainer/protocol.py
 
 
 CONFIG = Part({}, check_needs, owner=__name__)

@@ -46,7 +46,7 @@ class TauNorm(FrozenBackbone):
         "bias": spec.F("bool", True, help="keep the classifier's bias (false: drop it, as "
                                           "classifier-balancing's tau_norm.py)"),
         "split": spec.F("str", "val", "val", "test", "train",
-                        help="split that chooses tau (val; 'test' only to reproduce oracles)"),
+                        help="split that chooses tau (held out from eval.split)"),
     }}
 
     @classmethod
