@@ -28,7 +28,7 @@ class StepContext:
     step: int = 0                       # the global step being taken (0-based)
     epoch: int = 0
     seed: int = 0                       # run.seed
-    info: DistInfo = field(default_factory=DistInfo)   # rank, world_size, is_main, device
+    info: DistInfo = field(default_factory=DistInfo)  # rank, world_size, is_main, device
     embed: Callable = _no_engine        # embed(split, fn, gather=True, indices=False, on_batch=None)
     autocast: Callable = contextlib.nullcontext
     log: object = None                  # RunLog: .info(message)
