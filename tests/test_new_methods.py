@@ -480,9 +480,11 @@ def test_results_json_has_the_last_and_the_best_validation_epoch(tiny):
 
 
 @needs_fmnist
-def test_post_hoc_logit_adjustment_runs_on_a_ce_model(tiny):
-    """A CE run, then the method through the engine: tau from the val split, results.json
-    says where, and model_final.pt is the CE classifier with -tau log pi added to its bias."""
+def test_post_hoc_logit_adjustment_and_weight_balancing_run_on_a_ce_model(tiny):
+    """A CE run, then post-hoc LA through the engine: tau from the val split, results.json
+    says where, and model_final.pt is the CE classifier with -tau log pi added to its bias;
+    then weight balancing from it: every class norm within the MaxNorm radius, the backbone
+    (weights and BatchNorm statistics) unchanged."""
     from trainer.engine import train
     ce = load_config(CE, tiny + ["run.name=ce", "sched.epochs=1", "sched.warmup_epochs=0",
                                  "data.val_per_class=10"])
@@ -500,6 +502,17 @@ def test_post_hoc_logit_adjustment_runs_on_a_ce_model(tiny):
     prior = log_prior(load_per_class(os.path.join(cfg.run.out_dir, "la"))["class_counts"].tolist())
     torch.testing.assert_close(final["head.fc.bias"], init["head.fc.bias"] - res["tau"] * prior)
     torch.testing.assert_close(final["head.fc.weight"], init["head.fc.weight"])
+    # weight balancing's second stage from the same CE run: one epoch, MaxNorm after every step
+    wb = load_config(CE, tiny + ["run.name=wb", "method.name=weight_balancing",
+                                 f"model.init={run}", "model.init_head=true", "sched.epochs=1",
+                                 "sched.warmup_epochs=0", "optim.weight_decay=0.1"])
+    res = train(wb)
+    final = torch.load(os.path.join(cfg.run.out_dir, "wb", "model_final.pt"), weights_only=True)
+    norms = final["head.fc.weight"].norm(dim=1)
+    assert float(norms.max()) <= res["max_norm_radius"] * (1 + 1e-5)
+    for k, v in init.items():
+        if k.startswith("backbone."):
+            assert torch.equal(v, final[k]), k
 
 
 def test_mean_teacher_and_moco_use_the_one_ema():
@@ -569,3 +582,10 @@ def test_tau_norm_may_not_choose_tau_on_the_reported_split_either():
                                           r"results report"):
         load_config(CE, ["method.name=tau_norm", "model.init=x", "model.init_head=true",
                          "sched.epochs=0", "sched.warmup_epochs=0", "tau_norm.split=test"])
+
+
+def test_the_timm_example_config_loads():
+    pytest.importorskip("timm")
+    cfg = load_config(os.path.join(ROOT, "configs", "imagenet_lt_timm_vit.yaml"),
+                      ["data.root=r", "data.train_list=a", "data.val_list=v", "data.test_list=t"])
+    assert cfg.model.name == "timm/vit_small_patch16_224" and cfg.data.image_size == 224
