@@ -442,9 +442,9 @@ def _two_ranks(out_dir: str, overrides: list):
     seen = []
     original = engine.Trainer.predict
 
-    def predict(self, split):
+    def predict(self, split, *args):
         seen.append([float(b.double().sum()) for b in self.model.buffers()])
-        return original(self, split)
+        return original(self, split, *args)
     engine.Trainer.predict = predict
     engine.train(load_config(CE, overrides))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
