@@ -589,3 +589,39 @@ def test_the_timm_example_config_loads():
     cfg = load_config(os.path.join(ROOT, "configs", "imagenet_lt_timm_vit.yaml"),
                       ["data.root=r", "data.train_list=a", "data.val_list=v", "data.test_list=t"])
     assert cfg.model.name == "timm/vit_small_patch16_224" and cfg.data.image_size == 224
+
+
+# ------------------------------------------------- the ImageNet-LT / iNat configs, --dry-run
+
+@pytest.fixture(scope="module")
+def synthetic_data(tmp_path_factory):
+    """One tiny image per class and split of ImageNet-LT (real counts' classes) and iNat 2018,
+    laid out as $LTRAINER_DATA expects (tools/make_synthetic_lt.py)."""
+    from tests.conftest import run_cli
+    root = tmp_path_factory.mktemp("ltrainer_data")
+    lists = os.path.join(os.path.dirname(ROOT), "shared", "lists")
+    run_cli("tools/make_synthetic_lt.py", "--out", str(root / "imagenet_lt"), "--profile",
+            "imagenet_lt", "--counts", os.path.join(lists, "ImageNet_LT_train_counts.json"),
+            "--max-per-class", "1", "--size", "tiny")
+    run_cli("tools/make_synthetic_lt.py", "--out", str(root / "inat2018"), "--profile",
+            "inat2018", "--max-per-class", "1", "--size", "tiny")
+    return str(root)
+
+
+NEW_CONFIGS = [f"{d}_{m}" for d in ("imagenet_lt", "inat") for m in
+               ("logit_adjusted", "posthoc_la", "balanced_softmax", "weight_balancing",
+                "ce_pb")] + ["imagenet_lt_timm_vit"]
+
+
+@pytest.mark.parametrize("name", NEW_CONFIGS)
+def test_new_large_configs_pass_dry_run(name, synthetic_data, monkeypatch, capsys):
+    if "timm" in name:
+        pytest.importorskip("timm")
+    from ltrainer.launchers.train import main
+    monkeypatch.setenv("LTRAINER_DATA", synthetic_data)
+    rc = main([os.path.join(ROOT, "configs", f"{name}.yaml"), "--dry-run"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "dry run: config and data paths are valid" in out.out
+    if name == "inat_posthoc_la":          # tau chosen on val, the split iNat reports
+        assert "NOTE: 'val' is also the reported split" in out.out
