@@ -68,18 +68,18 @@ class NCM(FrozenBackbone):
     def normalized_features(self, images):
         return ncm_features(self.model.backbone(images), self.center)
 
-    def prepare_eval(self, trainer) -> None:
+    def prepare_eval(self, ctx) -> None:
         if self.means is not None:
             return
         # Class sums batch by batch, summed over the ranks: memory is C x D whatever the
         # split's size. float64, so that the sums hardly depend on how the split was cut.
         if self.metric == "centered_l2":   # a first pass for the mean training feature
-            sums, counts = self._class_sums(trainer, lambda x: self.model.backbone(x).float())
+            sums, counts = self._class_sums(ctx, lambda x: self.model.backbone(x).float())
             self.center = (sums.sum(0) / counts.sum().clamp_min(1)).float()
-        self.means = ncm_centroids(*self._class_sums(trainer, self.normalized_features),
+        self.means = ncm_centroids(*self._class_sums(ctx, self.normalized_features),
                                    self.metric)
 
-    def _class_sums(self, trainer, fn):
+    def _class_sums(self, ctx, fn):
         """(per-class sums of fn(images) over the train split, per-class counts), summed over
         the ranks."""
         acc, c = {}, self.data.num_classes
@@ -91,7 +91,7 @@ class NCM(FrozenBackbone):
             acc["sums"].index_add_(0, labels, feats.double())
             acc["counts"].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
 
-        feats, _ = trainer.embed("train", fn, gather=False, on_batch=add)
+        feats, _ = ctx.embed("train", fn, gather=False, on_batch=add)
         sums = acc.get("sums", feats.new_zeros((c, feats.shape[1]), dtype=torch.float64))
         counts = acc.get("counts", feats.new_zeros(c, dtype=torch.float64))
         return dist_utils.all_reduce_sum(sums), dist_utils.all_reduce_sum(counts)

@@ -57,28 +57,28 @@ class PseudoLabel(SupervisedBase):
     def training_step(self, model, batch, ctx):
         raise RuntimeError("method 'pseudo_label' does not train: set sched.epochs: 0")
 
-    def prepare_eval(self, trainer) -> None:
+    def prepare_eval(self, ctx) -> None:
         if self.report is not None:
             return
         s, c, n = self.cfg.semi, self.data.num_classes, len(self.pool.hidden)
         # Each rank writes its rows (placed later by dataset index: images the loader skipped
         # have none) to files; rank 0 assembles them chunk by chunk (one path with the tool)
-        folder = os.path.join(trainer.run_dir, ".pseudo_label_rows")
-        embed_to_files(trainer.embed, POOL_SPLIT,
+        folder = os.path.join(ctx.run_dir, ".pseudo_label_rows")
+        embed_to_files(ctx.embed, POOL_SPLIT,
                        pseudo_labels.predictor(self.model, c, s.save_probs), folder,
-                       trainer.info.rank)
+                       ctx.info.rank)
         report = None
-        if trainer.info.is_main:
+        if ctx.info.is_main:
             pl = pseudo_labels.from_row_files(
                 folder, n, c, self.pool.hidden, s.threshold, s.top_k, s.save_probs,
                 pool_fingerprint=self.pool.fingerprint, checkpoint=self.cfg.model.init,
                 pool=self.pool.summary())
-            pseudo_labels.save(os.path.join(trainer.run_dir, pseudo_labels.FILE), pl)
+            pseudo_labels.save(os.path.join(ctx.run_dir, pseudo_labels.FILE), pl)
             report = pseudo_labels.accuracy_report(pl)
             del pl
             shutil.rmtree(folder)
         self.report = dist_utils.broadcast_object(report)
-        trainer.log.info(pseudo_labels.format_report(self.report))
+        ctx.log.info(pseudo_labels.format_report(self.report))
 
     def summary(self) -> dict:
         return {"pseudo_labels": self.report, "pool": self.pool.summary()}

@@ -35,16 +35,16 @@ class SelfSupervised(Method):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.features(images).float(), dim=1)
 
-    def prepare_eval(self, trainer) -> None:
+    def prepare_eval(self, ctx) -> None:
         """Each rank keeps its own shard of the training features: a gathered bank would be W
         copies of the whole set (GBs per GPU for iNaturalist). The shard is copied into
         preallocated blocks of knn.bank_dtype as the batches come, so the peak is the bank
         plus one block (extraction.BlockRows), and the previous bank is freed first."""
         self.bank = None
         sink = BlockRows(getattr(torch, self.cfg.knn.bank_dtype), self.bank_block)
-        trainer.embed("train", self.features, gather=False, on_batch=sink)
-        self.bank, self.bank_labels = sink.finish(trainer.device)
-        self.bank_size = sum(dist_utils.gather_sizes(len(self.bank_labels), trainer.device))
+        ctx.embed("train", self.features, gather=False, on_batch=sink)
+        self.bank, self.bank_labels = sink.finish(ctx.device)
+        self.bank_size = sum(dist_utils.gather_sizes(len(self.bank_labels), ctx.device))
 
     @torch.no_grad()
     def predict(self, model, images):

@@ -65,14 +65,14 @@ class TauNorm(FrozenBackbone):
         fc = self.model.head.fc
         return tau_logits(feats, fc.weight, fc.bias if self.cfg.tau_norm.bias else None, tau)
 
-    def prepare_eval(self, trainer) -> None:
+    def prepare_eval(self, ctx) -> None:
         if self.tau is not None:
             return
         split, grid, c = self.cfg.tau_norm.split, self.cfg.tau_norm.grid, self.data.num_classes
         # Per batch, every tau's prediction (no features kept); per rank, each tau's per-class
         # hits and totals, summed over the ranks (2 x grid x C numbers, whatever the split).
-        hits = HitCounts(c, len(grid), trainer.device)     # extraction service sink
-        trainer.embed(split, lambda x: torch.stack(
+        hits = HitCounts(c, len(grid), ctx.device)     # extraction service sink
+        ctx.embed(split, lambda x: torch.stack(
             [self.logits(self.model.backbone(x), tau).argmax(1) for tau in grid], 1),
             gather=False, on_batch=hits)
         counts = hits.total()
@@ -80,7 +80,7 @@ class TauNorm(FrozenBackbone):
             self.search[f"{tau:g}"] = balanced_accuracy(counts[i], counts[-1])
         best = max(self.search, key=self.search.get)
         self.tau = float(best)
-        trainer.log.info(f"tau-norm: tau = {best} chosen on '{split}' (balanced accuracy "
+        ctx.log.info(f"tau-norm: tau = {best} chosen on '{split}' (balanced accuracy "
                          f"{self.search[best]:.2f}%; grid {self.search})")
 
     @torch.no_grad()
