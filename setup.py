@@ -1,15 +1,18 @@
 """The package list, which pyproject.toml cannot compute (its metadata is there).
 
-The library keeps its import names: trainer, data_pipelines, configspec (every subpackage found,
-so a new one needs no line here). The script folders launchers/ and tools/ stay where they are
-in the repository but install as ltrainer.launchers and ltrainer.tools (`ltrainer` is a
-namespace package with no folder of its own): site-packages gets no top-level `tools` or
-`launchers`, and each file has exactly one module name. tests/test_packaging.py checks the
-wheel."""
+Every folder of the project installs under one namespace, `ltrainer` (a package with no folder
+of its own): trainer/ is ltrainer.trainer, data_pipelines/ ltrainer.data_pipelines, configspec/
+ltrainer.configspec, launchers/ ltrainer.launchers, tools/ ltrainer.tools. So site-packages
+gets no generic top-level name (`trainer` is also a PyPI project; `tools` and `launchers` would
+shadow or be shadowed by any other project's), the folders stay where they are in the
+repository, and each file has exactly one module name. Every subpackage is found, so a new one
+needs no line here. tests/test_packaging.py checks the wheel."""
 from setuptools import find_packages, setup
 
-SCRIPTS = {"ltrainer.launchers": "launchers", "ltrainer.tools": "tools"}
+FOLDERS = ("trainer", "data_pipelines", "configspec", "launchers", "tools")
+PACKAGE_DIR = {f"ltrainer.{folder}": folder for folder in FOLDERS}
 
-setup(packages=find_packages(include=["configspec", "configspec.*", "trainer", "trainer.*",
-                                      "data_pipelines", "data_pipelines.*"]) + list(SCRIPTS),
-      package_dir=SCRIPTS)
+setup(packages=[f"ltrainer.{folder}" + (f".{sub}" if sub else "")
+                for folder in FOLDERS
+                for sub in ["", *find_packages(folder)]],
+      package_dir=PACKAGE_DIR)

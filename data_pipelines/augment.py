@@ -17,7 +17,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from configspec import F, Registry
+from ltrainer.configspec import F, Registry
 
 from .batch_aug import BatchAugment, rrc_params, small_crop_params, view_seeds
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from configspec import F, Part
+from ltrainer.configspec import F, Part
 
 from .augment import DEFAULT_STATS, build_transform
 from .datasets import AugmentedDataset

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from configspec import F, Registry
+from ltrainer.configspec import F, Registry
 
 from .augment import (AUGMENTS, MOCO, RRC_RATIO, RRC_SCALE, AugmentSpec,  # noqa: F401
                       augment_spec, moco_blur_kernel)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from configspec import F, Part
+from ltrainer.configspec import F, Part
 
 from .sources import DataError, SubsetSource
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from configspec import F, Part
+from ltrainer.configspec import F, Part
 
 SAMPLER_KINDS = ("uniform", "class_aware", "class_aware_cyclic", "sqrt", "cb", "progressive")
 CLASS_AWARE_EPOCHS = ("max_count", "dataset")

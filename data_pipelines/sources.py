@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from configspec import F, Registry
+from ltrainer.configspec import F, Registry
 
 from .readers import (FASHION_MNIST_ROOT, IMAGE_EXTENSIONS, INDEX_LIST_FORMAT,  # noqa: F401
                       read_cifar, read_fashion_mnist, read_image_folder, read_index_list,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from configspec import F, Part
+from ltrainer.configspec import F, Part
 
 from .build import class_order, held_out_val, labeled_split, open_task_split
 from .sources import (SOURCES, ConcatSource, DataError, FileSource, SubsetSource, base_indices,

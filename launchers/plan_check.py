@@ -10,16 +10,16 @@ import os
 
 import numpy as np
 
-from data_pipelines.build import check_data_paths, labeled_split
-from data_pipelines.list_check import check_data_section
-from data_pipelines.loaders import backend_problems
-from data_pipelines.samplers import epoch_samples
-from data_pipelines.sources import DataError
-from trainer.methods import METHODS
-from trainer.methods.supervised_base import SupervisedBase
-from trainer.optim import describe_lr
-from trainer.protocol import describe_selection
-from trainer.schedules import train_rule
+from ltrainer.data_pipelines.build import check_data_paths, labeled_split
+from ltrainer.data_pipelines.list_check import check_data_section
+from ltrainer.data_pipelines.loaders import backend_problems
+from ltrainer.data_pipelines.samplers import epoch_samples
+from ltrainer.data_pipelines.sources import DataError
+from ltrainer.trainer.methods import METHODS
+from ltrainer.trainer.methods.supervised_base import SupervisedBase
+from ltrainer.trainer.optim import describe_lr
+from ltrainer.trainer.protocol import describe_selection
+from ltrainer.trainer.schedules import train_rule
 
 # The shipped ImageNet-LT and iNaturalist configs find their data under this variable
 # (configs/_base_/imagenet_lt_data.yaml, inat2018_data.yaml; README "Your data").

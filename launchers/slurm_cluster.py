@@ -7,8 +7,8 @@ import re
 import shutil
 import subprocess
 
-from trainer.config import ConfigError, resolve
-from trainer.pipeline import check_world as check_world_of_plan
+from ltrainer.trainer.config import ConfigError, resolve
+from ltrainer.trainer.pipeline import check_world as check_world_of_plan
 
 class SubmitError(Exception):
     """A request the cluster cannot run (partition, nodes, GPUs...); raised before submitting."""

@@ -13,7 +13,7 @@ from ltrainer.launchers.slurm_job import TrainJob
 from ltrainer.launchers.slurm_submission import (clean_env, make_executor, new_folder,
                                                  run_root_of, task_logs)
 from ltrainer.launchers.train import prepare
-from trainer.config import ConfigError
+from ltrainer.trainer.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # shipped configs' base
 

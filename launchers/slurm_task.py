@@ -51,7 +51,7 @@ def save_before_requeue(job):
     boundary comes in time (a long evaluation, say), the job is requeued anyway and resumes
     from the last checkpoint written, which is always complete because checkpoints are
     written atomically."""
-    from trainer.engine import request_stop
+    from ltrainer.trainer.engine import request_stop
     rt = _current[0] if _current else None
     if rt is not None and rt.worker is not None and rt.worker.is_alive():
         request_stop()
@@ -100,7 +100,7 @@ def _export_dist_env(job):
 
 
 def _install_signals(rt: "_Runtime"):
-    from trainer.engine import request_stop
+    from ltrainer.trainer.engine import request_stop
     submitit_usr2 = signal.getsignal(signal.SIGUSR2)
 
     def on_usr2(signum, frame):
@@ -118,9 +118,9 @@ def _install_signals(rt: "_Runtime"):
 
 
 def _work(job, rt: "_Runtime", stages):
-    from trainer import distributed as dist_utils
-    from trainer.engine import Preempted
-    from trainer.pipeline import run_plan
+    from ltrainer.trainer import distributed as dist_utils
+    from ltrainer.trainer.engine import Preempted
+    from ltrainer.trainer.pipeline import run_plan
     try:
         cfg = stages[0].cfg
         info = dist_utils.setup(cfg.engine.device, cfg.dist.backend)
@@ -145,7 +145,7 @@ def _work(job, rt: "_Runtime", stages):
 
 
 def _finish(job, rt: "_Runtime"):
-    from trainer.engine import _STOP
+    from ltrainer.trainer.engine import _STOP
     if rt.outcome == "done":
         rt.say("finished")
         return {"run_root": job.run_root, "results": rt.results}

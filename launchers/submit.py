@@ -36,7 +36,7 @@ from ltrainer.launchers.slurm_follow import LogTail, wait_jobs
 from ltrainer.launchers.slurm_submission import clean_env, submit_plan, task_logs
 from ltrainer.launchers.slurm_sweep import submit_sweep
 from ltrainer.launchers.train import USER_ERRORS, prepare, print_results, report_user_error
-from trainer.pipeline import describe_plan
+from ltrainer.trainer.pipeline import describe_plan
 
 
 def parse_args(argv=None):

@@ -19,21 +19,21 @@ import os
 import sys
 
 
-from data_pipelines.sources import DataError  # noqa: E402
-from data_pipelines.unlabeled_pool import check_pool_paths  # noqa: E402
+from ltrainer.data_pipelines.sources import DataError  # noqa: E402
+from ltrainer.data_pipelines.unlabeled_pool import check_pool_paths  # noqa: E402
 from ltrainer.launchers.plan_check import (DataProblems, check_plan_data, data_summary,  # noqa: E402
                                   describe_stages)
-from trainer import distributed as dist_utils  # noqa: E402
-from trainer.checkpoint import DiskError  # noqa: E402
-from trainer.config import ConfigError  # noqa: E402
-from trainer.divergence import Diverged  # noqa: E402
-from trainer.engine import (STOP_EXIT_STATUS, STOP_SIGNALS, Preempted,  # noqa: E402
+from ltrainer.trainer import distributed as dist_utils  # noqa: E402
+from ltrainer.trainer.checkpoint import DiskError  # noqa: E402
+from ltrainer.trainer.config import ConfigError  # noqa: E402
+from ltrainer.trainer.divergence import Diverged  # noqa: E402
+from ltrainer.trainer.engine import (STOP_EXIT_STATUS, STOP_SIGNALS, Preempted,  # noqa: E402
                             install_stop_signals)
-from trainer.methods import METHODS  # noqa: E402
-from trainer.pipeline import check_world, describe_plan, load_plan, run_plan  # noqa: E402
-from trainer.run_folder import RunFolderError  # noqa: E402
-from trainer.pseudo_labels import check_path as check_pseudo_labels  # noqa: E402
-from trainer.transfer import check_init  # noqa: E402
+from ltrainer.trainer.methods import METHODS  # noqa: E402
+from ltrainer.trainer.pipeline import check_world, describe_plan, load_plan, run_plan  # noqa: E402
+from ltrainer.trainer.run_folder import RunFolderError  # noqa: E402
+from ltrainer.trainer.pseudo_labels import check_path as check_pseudo_labels  # noqa: E402
+from ltrainer.trainer.transfer import check_init  # noqa: E402
 
 
 class ReportedError(Exception):
@@ -63,7 +63,7 @@ def launch(plan, nproc: int = 1) -> dict:
     """Run a plan (list of stages, or one Config) with `nproc` local processes; returns
     {stage name: results} of rank 0."""
     if not isinstance(plan, list):  # a single Config
-        from trainer.pipeline import Stage
+        from ltrainer.trainer.pipeline import Stage
         plan = [Stage(plan.run.name, plan, os.path.join(plan.run.out_dir, plan.run.name))]
     if nproc <= 1 or "RANK" in os.environ:  # one process, or torchrun started us
         return _run(plan)

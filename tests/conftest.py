@@ -15,7 +15,7 @@ needs_fmnist = pytest.mark.skipif(not os.path.exists(FMNIST),
 @pytest.fixture(scope="session")
 def small_test_list(tmp_path_factory):
     """An index list of 300 Fashion-MNIST test images (30 per class), so evaluation is quick."""
-    from data_pipelines.sources import read_fashion_mnist
+    from ltrainer.data_pipelines.sources import read_fashion_mnist
     labels = read_fashion_mnist(train=False).labels
     path = tmp_path_factory.mktemp("lists") / "test300.txt"
     picked = [i for c in range(10) for i in [j for j in range(len(labels)) if labels[j] == c][:30]]

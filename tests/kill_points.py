@@ -34,8 +34,8 @@ def _act(action: str):
 
 def install(spec: str):
     """Patch trainer.engine / trainer.checkpoint / trainer.run_log for one kill point."""
-    from trainer import checkpoint as ckpt
-    from trainer import engine, run_log
+    from ltrainer.trainer import checkpoint as ckpt
+    from ltrainer.trainer import engine, run_log
 
     parts = spec.split(":")
     action, point, n = parts[0], parts[1], int(parts[2])
@@ -77,7 +77,7 @@ def install(spec: str):
             return original(obj, path)
         ckpt.atomic_save = atomic_save
     elif point == "chunk":
-        from trainer import extraction
+        from ltrainer.trainer import extraction
         original = extraction._save_chunk
 
         def save_chunk(path, *args, **kw):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from data_pipelines import batch_aug as B
-from data_pipelines.augment import MOCO, AugmentSpec
+from ltrainer.data_pipelines import batch_aug as B
+from ltrainer.data_pipelines.augment import MOCO, AugmentSpec
 
 N = 20000
 
@@ -103,7 +103,7 @@ def test_normalisation_maths_and_channel_matching():
 def test_batched_small_crop_is_the_torchvision_backends_pixel_for_pixel():
     """FFCV and DALI hand the "small" crop to this stage: same seeds, same pixels as the
     torchvision backend's SmallImageTransform."""
-    from data_pipelines.augment import SmallImageTransform
+    from ltrainer.data_pipelines.augment import SmallImageTransform
 
     mean, std = (0.3,), (0.4,)
     ref = SmallImageTransform(True, 28, mean, std, 1)
@@ -118,7 +118,7 @@ def test_batched_small_crop_is_the_torchvision_backends_pixel_for_pixel():
 
 
 def test_seeded_random_resized_crop_window_follows_the_recipe():
-    from data_pipelines.augment import RRC_RATIO, RRC_SCALE
+    from ltrainer.data_pipelines.augment import RRC_RATIO, RRC_SCALE
 
     wins = np.array([B.rrc_params(s, 60, 80, RRC_SCALE, RRC_RATIO) for s in range(4000)])
     i, j, h, w = wins.T
@@ -133,7 +133,7 @@ def test_seeded_random_resized_crop_window_follows_the_recipe():
 
 def test_crop_window_and_colour_draws_of_a_view_are_independent():
     """They share a view's seed; a shared draw made big crops go with no jitter."""
-    from data_pipelines.augment import RRC_RATIO
+    from ltrainer.data_pipelines.augment import RRC_RATIO
 
     seeds = np.arange(N)
     area = np.array([(lambda w: w[2] * w[3])(B.rrc_params(int(s), 48, 64, MOCO["scale"],
@@ -147,11 +147,11 @@ def test_crop_window_and_colour_draws_of_a_view_are_independent():
 def test_ffcvs_in_place_flip_is_the_shared_flip():
     """FFCV's CPU path flips its normalised batch with a numba kernel (torch's
     gather-flip-scatter cost ~10x more): the same samples, the same pixels."""
-    from data_pipelines.loaders import backend_status
+    from ltrainer.data_pipelines.loaders import backend_status
 
     if not backend_status("ffcv")[0]:
         pytest.skip("ffcv not installed")
-    from data_pipelines.ffcv_ops import flip_in_place
+    from ltrainer.data_pipelines.ffcv_ops import flip_in_place
 
     x = torch.randn(16, 3, 8, 9)
     seeds = np.arange(16) * 31

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from data_pipelines.build import build_data
-from data_pipelines.sources import DataError
+from ltrainer.data_pipelines.build import build_data
+from ltrainer.data_pipelines.sources import DataError
 from tests.conftest import needs_fmnist
-from trainer.config import ConfigError, load_config
+from ltrainer.trainer.config import ConfigError, load_config
 
 pytestmark = needs_fmnist
 

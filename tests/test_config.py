@@ -5,7 +5,7 @@ import textwrap
 import pytest
 import yaml
 
-from trainer.config import ConfigError, load_config, save_config
+from ltrainer.trainer.config import ConfigError, load_config, save_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -116,7 +116,7 @@ def test_saved_config_round_trips(tmp_path, base):
 def test_shipped_configs_validate(name):
     """Every shipped config (plain or multi-stage) loads; the ones for external data say which
     key is missing."""
-    from trainer.pipeline import load_plan
+    from ltrainer.trainer.pipeline import load_plan
     path = os.path.join(CONFIGS, name)
     try:
         plan = load_plan(path)

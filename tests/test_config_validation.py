@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ltrainer.launchers import train as train_cli
-from trainer import config as config_module
-from trainer.config import ConfigError, load_config
-from trainer.pipeline import load_plan
+from ltrainer.trainer import config as config_module
+from ltrainer.trainer.config import ConfigError, load_config
+from ltrainer.trainer.pipeline import load_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,7 +172,7 @@ def test_every_numeric_key_declares_a_range():
 
 
 def test_every_name_key_is_checked_against_its_registry():
-    from configspec import Registry
+    from ltrainer.configspec import Registry
     keys = {p.key for p in config_module.schema().parts if isinstance(p, Registry)}
     assert {"method.name", "model.name", "model.head", "loss.name", "train_rule.name",
             "data.source", "data.augment", "data.loader", "optim.name", "sched.name"} <= keys
@@ -184,7 +184,7 @@ def test_every_name_key_is_checked_against_its_registry():
 def test_config_py_names_no_component():
     """trainer/config.py is the loader only: no method, loss, model, source, recipe, backend,
     schedule or optimizer name appears in it (each declares itself next to its code)."""
-    from configspec import Registry
+    from ltrainer.configspec import Registry
     with open(os.path.join(ROOT, "trainer", "config.py")) as f:
         text = f.read()
     names = {n for p in config_module.schema().parts if isinstance(p, Registry) for n in p}
@@ -229,7 +229,7 @@ def test_resolved_config_keeps_its_shape():
 
 def test_a_component_declares_and_checks_its_own_keys():
     """LDAM's rule lives with LDAM and runs only when LDAM is chosen."""
-    from trainer.losses import LOSSES
+    from ltrainer.trainer.losses import LOSSES
     part = LOSSES.parts["ldam"]
     assert set(part.config["loss"]) == {"ldam_max_m", "ldam_s"}
     with pytest.raises(ConfigError, match="loss.ldam_s = -1 must be > 0"):
@@ -245,7 +245,7 @@ def test_balanced_softmax_against_a_hand_computation():
     """Counts [3, 1]: prior [3/4, 1/4]. Logits [1, 2], label 1: the adjusted logits are
     1 + log 3/4 and 2 + log 1/4, so p_1 = e^2/4 / (3e/4 + e^2/4) = e / (3 + e) and the loss is
     log(1 + 3/e). Label 0: p_0 = 3 / (3 + e), loss log(1 + e/3)."""
-    from trainer.losses import create_loss
+    from ltrainer.trainer.losses import create_loss
     loss = create_loss("balanced_softmax", [3, 1])
     logits = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
     per_sample = create_loss("balanced_softmax", [3, 1], reduction="none")(
@@ -263,15 +263,15 @@ def test_balanced_softmax_against_a_hand_computation():
 
 def test_balanced_softmax_from_its_config_line():
     cfg = load_config(os.path.join(ROOT, "configs", "fmnist_lt_balanced_softmax.yaml"))
-    from trainer.losses import loss_from_config
-    from trainer.losses.balanced_softmax import BalancedSoftmaxLoss
+    from ltrainer.trainer.losses import loss_from_config
+    from ltrainer.trainer.losses.balanced_softmax import BalancedSoftmaxLoss
     loss = loss_from_config(cfg.loss, [10, 1])
     assert isinstance(loss, BalancedSoftmaxLoss)
     assert torch.allclose(loss.log_prior.exp(), torch.tensor([10 / 11, 1 / 11]))
 
 
 def test_dry_run_refuses_a_loader_backend_that_cannot_be_imported(cfg_file, capsys, monkeypatch):
-    from data_pipelines import loaders
+    from ltrainer.data_pipelines import loaders
     monkeypatch.setitem(loaders._STATUS, "dali", (False, "ImportError: no module nvidia.dali"))
     rc, err = dry_run(capsys, cfg_file, "data.loader=dali")
     assert rc == 2 and "data.loader = 'dali' but DALI cannot be imported" in err

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines.augment import MOCO, RRC_RATIO, RRC_SCALE, build_transform
-from data_pipelines.batch_aug import draw_params, rrc_params, view_seeds
-from data_pipelines.datasets import AugmentedDataset
-from data_pipelines.loaders import backend_status, make_eval_loader, make_train_loader
-from data_pipelines.samplers import SequentialSampler, build_sampler
-from data_pipelines.sources import ArraySource
+from ltrainer.data_pipelines.augment import MOCO, RRC_RATIO, RRC_SCALE, build_transform
+from ltrainer.data_pipelines.batch_aug import draw_params, rrc_params, view_seeds
+from ltrainer.data_pipelines.datasets import AugmentedDataset
+from ltrainer.data_pipelines.loaders import backend_status, make_eval_loader, make_train_loader
+from ltrainer.data_pipelines.samplers import SequentialSampler, build_sampler
+from ltrainer.data_pipelines.sources import ArraySource
 
 BACKENDS = ("torchvision", "dali", "ffcv")
 N, H, W, OUT = 2048, 48, 64, 16

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models import BACKBONES, CosineHead, create_backbone, create_model
-from trainer.models.pooling import GlobalAvgPool
+from ltrainer.trainer.models import BACKBONES, CosineHead, create_backbone, create_model
+from ltrainer.trainer.models.pooling import GlobalAvgPool
 
 
 # ------------------------------------------------------------------ item 2: deterministic pool
@@ -57,7 +57,7 @@ def _bf16():
 
 
 def test_moco_logits_are_float32_under_bf16_autocast():
-    from trainer.methods.moco import info_nce_logits
+    from ltrainer.trainer.methods.moco import info_nce_logits
 
     torch.manual_seed(0)
     q = F.normalize(torch.randn(6, 16), dim=1)
@@ -71,7 +71,7 @@ def test_moco_logits_are_float32_under_bf16_autocast():
 
 
 def test_knn_scores_are_float32_under_bf16_autocast():
-    from trainer.knn import scores as knn_scores
+    from ltrainer.trainer.knn import scores as knn_scores
 
     torch.manual_seed(0)
     query = F.normalize(torch.randn(5, 16), dim=1)
@@ -101,7 +101,7 @@ def test_cosine_head_is_float32_under_bf16_autocast():
 @pytest.mark.parametrize("policy", ["fail", "skip"])
 @pytest.mark.parametrize("cuda", [True, False])
 def test_torchvision_loader_pins_memory_when_cuda_is_there(monkeypatch, policy, cuda):
-    from data_pipelines import loaders
+    from ltrainer.data_pipelines import loaders
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     data = [(torch.zeros(1, 4, 4), torch.tensor(0))] * 4
@@ -135,7 +135,7 @@ def _fake_faiss(calls):
 
 
 def test_faiss_gpu_index_goes_to_this_process_device(monkeypatch):
-    from trainer.banks.search import build_index
+    from ltrainer.trainer.banks.search import build_index
 
     calls = []
     monkeypatch.setitem(sys.modules, "faiss", _fake_faiss(calls))
@@ -152,7 +152,7 @@ def test_faiss_gpu_index_goes_to_this_process_device(monkeypatch):
 # ------------------------------------------------------------------ item 4: srun, one GPU per task
 
 def test_first_host_of_slurm_node_lists():
-    from trainer.distributed import first_host
+    from ltrainer.trainer.distributed import first_host
 
     assert first_host("node[01-04]") == "node01"
     assert first_host("gpu[07-10,12],cpu1") == "gpu07"
@@ -176,7 +176,7 @@ def _slurm_env(monkeypatch, **env):
 def test_srun_tasks_derive_the_rendezvous(monkeypatch):
     import os
 
-    from trainer import distributed as d
+    from ltrainer.trainer import distributed as d
 
     _slurm_env(monkeypatch, SLURM_PROCID="3", SLURM_NTASKS="8", SLURM_LOCALID="3",
                SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]")
@@ -192,7 +192,7 @@ def test_srun_tasks_derive_the_rendezvous(monkeypatch):
 
 def test_slurm_allocation_without_a_task_runs_alone(monkeypatch):
     """A plain `python` in an salloc shell sees SLURM_NTASKS of the allocation, not a rank."""
-    from trainer import distributed as d
+    from ltrainer.trainer import distributed as d
 
     _slurm_env(monkeypatch, SLURM_NTASKS="8", SLURM_JOB_ID="1")
     monkeypatch.delenv("SLURM_PROCID", raising=False)
@@ -201,7 +201,7 @@ def test_slurm_allocation_without_a_task_runs_alone(monkeypatch):
 
 @pytest.mark.parametrize("local_rank,count,want", [(3, 1, 0), (5, 4, 1), (2, 8, 2)])
 def test_device_is_local_rank_modulo_visible_gpus(monkeypatch, local_rank, count, want):
-    from trainer import distributed as d
+    from ltrainer.trainer import distributed as d
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -218,7 +218,7 @@ def test_two_srun_tasks_form_a_group_from_slurm_variables_only(tmp_path):
     import subprocess
 
     from tests.conftest import ROOT
-    from trainer.distributed import slurm_port
+    from ltrainer.trainer.distributed import slurm_port
 
     job = 1000
     while True:   # a job id whose derived port is free here
@@ -228,7 +228,7 @@ def test_two_srun_tasks_form_a_group_from_slurm_variables_only(tmp_path):
                 break
             except OSError:
                 job += 1
-    code = ("import torch, torch.distributed as dist; from trainer import distributed as d; "
+    code = ("import torch, torch.distributed as dist; from ltrainer.trainer import distributed as d; "
             "info = d.setup('cpu'); t = torch.tensor([info.rank + 1.0]); dist.all_reduce(t); "
             "print(info.rank, info.world_size, int(t.item())); d.cleanup()")
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_")) and
@@ -248,7 +248,7 @@ def _submit_settings(workers: int, gpus: int, nodes: int = 1):
     import argparse
 
     from ltrainer.launchers import slurm_cluster as submit
-    from trainer.config import load_config
+    from ltrainer.trainer.config import load_config
 
     cfg = load_config(None, [f"data.workers={workers}"])
     plan = [types.SimpleNamespace(cfg=cfg, name="x")]
@@ -286,7 +286,7 @@ def test_default_cpus_per_task_without_node_info():
 def test_sync_bn_converts_only_on_cuda_with_several_ranks():
     """At 4 images per GPU per-rank BatchNorm statistics are noise: model.sync_bn makes them
     SyncBatchNorm under NCCL; gloo has none, and one process needs none."""
-    from trainer.distributed import DistInfo, sync_batchnorm
+    from ltrainer.trainer.distributed import DistInfo, sync_batchnorm
     model = create_model("resnet8", num_classes=3)
     params = [id(p) for p in model.parameters()]
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
@@ -310,7 +310,7 @@ def test_sync_bn_converts_only_on_cuda_with_several_ranks():
     ("crt", ["model.init=/nonexistent.pt"], True),
 ])
 def test_sync_bn_is_refused_where_it_cannot_apply(method, extra, refused):
-    from trainer.config import ConfigError, load_config
+    from ltrainer.trainer.config import ConfigError, load_config
     over = [f"method.name={method}", "model.sync_bn=true", "data.batch_size=128", *extra]
     if not refused:
         assert load_config(None, over).model.sync_bn is True
@@ -320,8 +320,8 @@ def test_sync_bn_is_refused_where_it_cannot_apply(method, extra, refused):
 
 
 def test_engine_reports_sync_bn_ignored_on_one_cpu_process(tiny):
-    from trainer.config import load_config
-    from trainer.engine import Trainer
+    from ltrainer.trainer.config import load_config
+    from ltrainer.trainer.engine import Trainer
     cfg = load_config(None, tiny + ["model.sync_bn=true", "sched.epochs=1",
                                     "sched.warmup_epochs=0", "sched.milestones=[]"])
     trainer = Trainer(cfg)

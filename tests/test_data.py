@@ -13,16 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.augment import DEFAULT_STATS, build_transform
-from data_pipelines.datasets import AugmentedDataset
-from data_pipelines.longtail import (SVHN_CLASS_ORDER, class_counts, lt_counts, lt_indices,
+from ltrainer.data_pipelines.augment import DEFAULT_STATS, build_transform
+from ltrainer.data_pipelines.datasets import AugmentedDataset
+from ltrainer.data_pipelines.longtail import (SVHN_CLASS_ORDER, class_counts, lt_counts, lt_indices,
                                      make_lt_subset)
-from data_pipelines.samplers import build_sampler
-from data_pipelines.sources import (ArraySource, DataError, FileSource, SubsetSource,
+from ltrainer.data_pipelines.samplers import build_sampler
+from ltrainer.data_pipelines.sources import (ArraySource, DataError, FileSource, SubsetSource,
                                     open_source, read_cifar, read_fashion_mnist,
                                     read_image_folder, read_index_list, read_list_file,
                                     read_svhn)
-from data_pipelines.torchvision_loader import build_torchvision_loader
+from ltrainer.data_pipelines.torchvision_loader import build_torchvision_loader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist"

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.augment import DEFAULT_STATS, augment_spec, build_transform
-from data_pipelines.datasets import AugmentedDataset
-from data_pipelines.decode import CropDecodeDataset, draft_scale, eval_box, supports
-from data_pipelines.samplers import build_sampler
-from data_pipelines.sources import DataError, FileSource
-from data_pipelines.torchvision_loader import build_torchvision_loader
+from ltrainer.data_pipelines.augment import DEFAULT_STATS, augment_spec, build_transform
+from ltrainer.data_pipelines.datasets import AugmentedDataset
+from ltrainer.data_pipelines.decode import CropDecodeDataset, draft_scale, eval_box, supports
+from ltrainer.data_pipelines.samplers import build_sampler
+from ltrainer.data_pipelines.sources import DataError, FileSource
+from ltrainer.data_pipelines.torchvision_loader import build_torchvision_loader
 
 MEAN, STD = DEFAULT_STATS["imagenet"]
 CFG = {"augment": "imagenet", "stats": "imagenet", "source": "list", "image_size": 224}

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, needs_fmnist, run_cli
-from trainer.checkpoint import LAST, safe_load
-from trainer.config import load_config
-from trainer.results import confusion_matrix, load_per_class
+from ltrainer.trainer.checkpoint import LAST, safe_load
+from ltrainer.trainer.config import load_config
+from ltrainer.trainer.results import confusion_matrix, load_per_class
 
 pytestmark = needs_fmnist
 CE = os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml")
@@ -111,7 +111,7 @@ def test_two_process_ddp_matches_one_process(tiny, tmp_path, rule):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_steps(tiny, tmp_path, amp):
-    from trainer.engine import train
+    from ltrainer.trainer.engine import train
     cfg = load_config(CE, tiny + [f"engine.amp={amp}", "engine.max_steps=2", f"run.name={amp}",
                                   "model.name=resnet8", "loss.name=ldam", "model.head=cosine"])
     res = train(cfg)
@@ -132,7 +132,7 @@ def test_cli_reports_config_and_data_errors(tmp_path):
 def test_stop_request_checkpoints_and_resumes_exactly(tiny, tmp_path):
     """A stop request (what SIGUSR2/SIGTERM or submitit's checkpoint() trigger) saves at the
     next step boundary and raises Preempted; running again ends with the uninterrupted weights."""
-    from trainer import engine
+    from ltrainer.trainer import engine
     cfg = lambda name: load_config(CE, tiny + [f"run.name={name}", "model.name=mlp"])
     engine.train(cfg("ref"))
     trainer = engine.Trainer(cfg("stopped"))
@@ -158,7 +158,7 @@ def test_stop_request_checkpoints_and_resumes_exactly(tiny, tmp_path):
 
 def test_torch_compile_option_trains_like_eager(tiny, tmp_path):
     """model.compile=true goes through torch.compile (inductor on CPU) and learns the same."""
-    from trainer.engine import train
+    from ltrainer.trainer.engine import train
     over = tiny + ["model.name=mlp", "engine.max_steps=3"]
     train(load_config(CE, over + ["run.name=eager"]))
     train(load_config(CE, over + ["run.name=compiled", "model.compile=true"]))

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from tests.conftest import ROOT
 from tests.test_knn_monitor import SKIPPED, _fake_trainer
-from trainer import distributed as dist_utils
-from trainer import extraction, knn, pseudo_labels
-from trainer.engine import Trainer
+from ltrainer.trainer import distributed as dist_utils
+from ltrainer.trainer import extraction, knn, pseudo_labels
+from ltrainer.trainer.engine import Trainer
 
 N, DIM, CLASSES = 23, 8, 5
 
@@ -153,8 +153,8 @@ def test_one_knn_vote_and_temperature_for_monitor_and_tools():
     """The monitor (knn.scores over a bank) and the bank tools (a faiss-style search result
     through banks.search.knn_vote) predict the same classes, with one default temperature."""
     from ltrainer.tools import feature_bank as tool
-    from trainer.banks.search import knn_evaluate, knn_vote
-    from trainer.methods.ssl_base import SelfSupervised
+    from ltrainer.trainer.banks.search import knn_evaluate, knn_vote
+    from ltrainer.trainer.methods.ssl_base import SelfSupervised
     g = torch.Generator().manual_seed(3)
     bank = F.normalize(torch.randn(200, 16, generator=g), dim=1)
     labels = torch.randint(0, 7, (200,), generator=g)

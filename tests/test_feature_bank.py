@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from tests.conftest import KILL_PLUGINS, ROOT, needs_fmnist
-from trainer.banks import analysis as bank_analysis
-from trainer.banks import extract as bank_extract
-from trainer.banks import files as bank_files
-from trainer.banks import runs as bank_runs
-from trainer.banks import search as bank_search
+from ltrainer.trainer.banks import analysis as bank_analysis
+from ltrainer.trainer.banks import extract as bank_extract
+from ltrainer.trainer.banks import files as bank_files
+from ltrainer.trainer.banks import runs as bank_runs
+from ltrainer.trainer.banks import search as bank_search
 
 needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None,
                                  reason="faiss not installed: pip install faiss-cpu")
@@ -24,9 +24,9 @@ def make_run(run_dir, test_list, seed=0, model="resnet8"):
     """A finished run folder (config.yaml, model_final.pt, results.json) of a randomly
     initialised model; a ResNet's BatchNorm statistics are not the defaults, so features are
     only right if extraction runs the model in eval mode."""
-    from data_pipelines.build import build_data
-    from trainer.config import load_config, save_config
-    from trainer.methods import create_method
+    from ltrainer.data_pipelines.build import build_data
+    from ltrainer.trainer.config import load_config, save_config
+    from ltrainer.trainer.methods import create_method
 
     os.makedirs(run_dir, exist_ok=True)
     cfg = load_config(CE, ["data.n_max=100", "data.rho=10", f"model.name={model}",

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines.samplers import ClassAwareCyclicSampler, build_sampler
-from trainer.config import ConfigError, load_config
-from trainer.losses import create_loss
-from trainer.models import LinearHead, create_model
-from trainer.schedules import lr_factor
+from ltrainer.data_pipelines.samplers import ClassAwareCyclicSampler, build_sampler
+from ltrainer.trainer.config import ConfigError, load_config
+from ltrainer.trainer.losses import create_loss
+from ltrainer.trainer.models import LinearHead, create_model
+from ltrainer.trainer.schedules import lr_factor
 
 # --------------------------------------------------------------- 1. class-aware cyclic sampler
 # 4 classes with items (class 3 has none): sizes 4, 2, 1, 3; max_count 4.
@@ -131,7 +131,7 @@ def test_focal_forms_by_hand():
 
 # ------------------------------------------------------------------------- 6. tau-norm
 def test_tau_logits_without_bias_and_the_reference_grid():
-    from trainer.methods.tau_norm import TAU_GRID, tau_logits
+    from ltrainer.trainer.methods.tau_norm import TAU_GRID, tau_logits
     w = torch.tensor([[3.0, 4.0], [0.0, 1.0]])     # norms 5 and 1
     b = torch.tensor([0.0, 1.0])
     x = torch.tensor([[1.0, 1.0]])
@@ -145,7 +145,7 @@ def test_tau_logits_without_bias_and_the_reference_grid():
 
 # ------------------------------------------------------------------------------ 7. NCM
 def test_ncm_centered_l2_by_hand():
-    from trainer.methods.ncm import ncm_centroids, ncm_features, ncm_logits
+    from ltrainer.trainer.methods.ncm import ncm_centroids, ncm_features, ncm_logits
     feats = torch.tensor([[3.0, 1.0], [-1.0, -1.0], [1.0, 3.0]])
     labels = torch.tensor([0, 0, 1])
     center = feats.mean(0)                                   # (1, 1)
@@ -177,7 +177,7 @@ def test_backbone_bn_option_checks():
     with pytest.raises(ConfigError, match="set classifier.backbone_bn: eval"):
         load_config(None, ["method.name=crt", "model.init=x", "data.augment=none",
                            "classifier.cache_features=true", "classifier.backbone_bn=train"])
-    from trainer.methods.classifier_base import set_backbone_bn
+    from ltrainer.trainer.methods.classifier_base import set_backbone_bn
     model = create_model("resnet8", 10)
     set_backbone_bn(model.backbone, "train")
     before = model.backbone.bn1.running_mean.clone()
@@ -192,8 +192,8 @@ def test_backbone_bn_option_checks():
 
 
 def _bn_worker(out):
-    from trainer import distributed as dist_utils
-    from trainer.methods.classifier_base import average_bn_stats
+    from ltrainer.trainer import distributed as dist_utils
+    from ltrainer.trainer.methods.classifier_base import average_bn_stats
     info = dist_utils.setup("cpu")
     torch.set_num_threads(1)
     model = create_model("resnet8", 10)
@@ -208,7 +208,7 @@ def _bn_worker(out):
 def test_backbone_bn_statistics_averaged_over_ranks(tmp_path):
     """backbone_bn train on 2 gloo processes: after a step every rank holds the mean of the
     ranks' running statistics (1 and 1.5 here), so checkpoints and evaluation agree."""
-    from trainer import distributed as dist_utils
+    from ltrainer.trainer import distributed as dist_utils
     dist_utils.run_local(_bn_worker, 2, {"out": str(tmp_path)})
     for r in range(2):
         bn = torch.load(tmp_path / f"bn{r}.pt", weights_only=True)
@@ -235,7 +235,7 @@ def _reference_layout(model, head_key: str, cosine: bool) -> dict:
 @pytest.mark.parametrize("head_key", ["linear", "fc"])
 @pytest.mark.parametrize("cosine", [True, False])
 def test_import_reference_cifar_checkpoints(tmp_path, head_key, cosine):
-    from trainer.transfer import load_pretrained
+    from ltrainer.trainer.transfer import load_pretrained
     torch.manual_seed(1)
     head = "cosine" if cosine else "linear"
     theirs = create_model("resnet32", 10, head=head)
@@ -261,8 +261,8 @@ def test_import_reference_cifar_checkpoints(tmp_path, head_key, cosine):
 def test_svhn_n_max_defaults_to_the_reference(tmp_path):
     import scipy.io
 
-    from data_pipelines.build import labeled_split
-    from data_pipelines.longtail import lt_counts, n_max_for
+    from ltrainer.data_pipelines.build import labeled_split
+    from ltrainer.data_pipelines.longtail import lt_counts, n_max_for
     assert n_max_for("svhn", None) == 1000 and n_max_for("svhn", 500) == 500
     assert n_max_for("cifar10", None) is None
     want = lt_counts(10, 1000, 100)                   # 1000, 599, ..., 10 (digits 1..9, 0)

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import data_pipelines.loaders as L
-from data_pipelines.augment import build_transform
-from data_pipelines.datasets import AugmentedDataset
-from data_pipelines.gpu_input import StagedLoader
-from data_pipelines.samplers import build_sampler
-from data_pipelines.sources import ArraySource, DataError
+import ltrainer.data_pipelines.loaders as L
+from ltrainer.data_pipelines.augment import build_transform
+from ltrainer.data_pipelines.datasets import AugmentedDataset
+from ltrainer.data_pipelines.gpu_input import StagedLoader
+from ltrainer.data_pipelines.samplers import build_sampler
+from ltrainer.data_pipelines.sources import ArraySource, DataError
 from tests.conftest import FMNIST
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -101,8 +101,8 @@ def test_staged_normalisation_equals_the_workers(monkeypatch):
 def _device_reads_in_training(monkeypatch, overrides):
     """Calls that read a tensor's value on the host (each a device sync on a GPU) while
     Trainer.train_epoch runs."""
-    from trainer.config import load_config
-    from trainer.engine import Trainer, train
+    from ltrainer.trainer.config import load_config
+    from ltrainer.trainer.engine import Trainer, train
 
     count, inside = [0], [False]
     for name in ("item", "__float__", "__bool__", "__int__", "tolist"):

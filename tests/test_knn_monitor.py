@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer import distributed as dist_utils
-from trainer.engine import Trainer
-from trainer.knn import scores as knn_scores
+from ltrainer.trainer import distributed as dist_utils
+from ltrainer.trainer.engine import Trainer
+from ltrainer.trainer.knn import scores as knn_scores
 
 N_BANK, N_QUERY, DIM, CLASSES, T = 37, 23, 8, 5, 0.1
 SKIPPED = (4, 9, 17)            # eval items a loader dropped (data.on_bad_image: skip)
@@ -94,7 +94,7 @@ def test_monitor_bank_is_stored_in_blocks_of_its_dtype_and_scores_as_before():
     shard at the peak) in float32; now the shard is stored block by block in knn.bank_dtype,
     the old bank is dropped before the new one is built, and the scores stay: equal to rounding with
     float32 blocks, within float16's rounding with float16 ones."""
-    from trainer.methods.ssl_base import SelfSupervised
+    from ltrainer.trainer.methods.ssl_base import SelfSupervised
     bank, labels, queries = _data()
 
     class Loader:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.list_check import check_data_section, check_split_lists
+from ltrainer.data_pipelines.list_check import check_data_section, check_split_lists
 from tests.conftest import ROOT, run_cli
 from ltrainer.tools import check_lists
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines.augment import DEFAULT_STATS, build_transform
-from data_pipelines.datasets import AugmentedDataset
-from data_pipelines.loaders import (INSTALL_HINTS, BackendUnavailable, backend_status,
+from ltrainer.data_pipelines.augment import DEFAULT_STATS, build_transform
+from ltrainer.data_pipelines.datasets import AugmentedDataset
+from ltrainer.data_pipelines.loaders import (INSTALL_HINTS, BackendUnavailable, backend_status,
                                     choose_backend, make_eval_loader, make_train_loader)
-from data_pipelines.samplers import SequentialSampler, build_sampler
-from data_pipelines.sources import DataError, SubsetSource, read_fashion_mnist, read_list_file
+from ltrainer.data_pipelines.samplers import SequentialSampler, build_sampler
+from ltrainer.data_pipelines.sources import DataError, SubsetSource, read_fashion_mnist, read_list_file
 from tests.conftest import needs_fmnist
 
 pytestmark = needs_fmnist
@@ -225,8 +225,8 @@ def test_ffcv_normalizing_on_the_device_matches_normalizing_in_numba(jpegs, lt_s
     """On GPU machines FFCV hands uint8 to the device and normalizes there; that path (run
     here on the CPU) must give the numba path's output."""
     need("ffcv")
-    from data_pipelines.ffcv_loader import FfcvLoader, ensure_beton
-    from data_pipelines.loaders import augment_spec
+    from ltrainer.data_pipelines.ffcv_loader import FfcvLoader, ensure_beton
+    from ltrainer.data_pipelines.loaders import augment_spec
 
     for src, augment, size, stats in [(jpegs, "imagenet", 48, "imagenet"),
                                       (lt_source, "small", 28, "fashion_mnist")]:
@@ -340,7 +340,7 @@ class _DyingSource:
 
 def test_write_beton_reports_a_dead_writer_process_instead_of_hanging(tmp_path):
     need("ffcv")
-    from data_pipelines.ffcv_loader import write_beton
+    from ltrainer.data_pipelines.ffcv_loader import write_beton
 
     with pytest.raises(DataError, match="writer process died"):
         write_beton(_DyingSource(), str(tmp_path / "x.beton"), workers=2)
@@ -350,14 +350,13 @@ def test_write_beton_reports_a_dead_writer_process_instead_of_hanging(tmp_path):
 # ----------------------------------------------------------------------------- choice
 
 def test_backend_choice_and_missing_backend_error(monkeypatch, lt_source, tmp_path):
-    import data_pipelines.loaders as L
-
+    import ltrainer.data_pipelines.loaders as L
     ds = AugmentedDataset(lt_source)
     cfg = {"loader": "auto", "beton_dir": str(tmp_path)}
     monkeypatch.setattr(L, "cuda_device", lambda: None)
     assert choose_backend(cfg, ds) == "torchvision"          # CPU and no .beton
     if backend_status("ffcv")[0]:
-        from data_pipelines.ffcv_loader import beton_path_for
+        from ltrainer.data_pipelines.ffcv_loader import beton_path_for
 
         open(beton_path_for(lt_source, str(tmp_path)), "w").close()
         assert choose_backend(cfg, ds) == "ffcv"              # a .beton exists
@@ -375,8 +374,8 @@ def test_backend_choice_and_missing_backend_error(monkeypatch, lt_source, tmp_pa
 def test_engine_trains_fashion_mnist_lt_end_to_end(backend, tiny, tmp_path, betons):
     need(backend)
     from tests.conftest import ROOT
-    from trainer.config import load_config
-    from trainer.engine import train
+    from ltrainer.trainer.config import load_config
+    from ltrainer.trainer.engine import train
 
     name = "fmnist_lt_ce" + ("" if backend == "torchvision" else f"_{backend}")
     cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
@@ -412,7 +411,7 @@ def test_dali_reads_files_off_the_training_thread(jpegs, betons, monkeypatch):
     import threading
 
     need("dali")
-    from data_pipelines.dali_loader import DaliLoader
+    from ltrainer.data_pipelines.dali_loader import DaliLoader
 
     threads, read = set(), DaliLoader.read
     monkeypatch.setattr(DaliLoader, "read", lambda self, i: (
@@ -428,8 +427,8 @@ def test_ffcv_device_path_builds_its_constants_once_and_copies_blocking(jpegs, b
     """Issue 18 item 8: mean/std were rebuilt on the device for every view of every batch, and
     the non_blocking copy out of FFCV's pinned ring buffer could race FFCV's refill of it."""
     need("ffcv")
-    from data_pipelines import ffcv_loader
-    from data_pipelines.loaders import augment_spec
+    from ltrainer.data_pipelines import ffcv_loader
+    from ltrainer.data_pipelines.loaders import augment_spec
 
     cfg = {"augment": "imagenet", "image_size": 48, "stats": "imagenet", "source": "list"}
     loader = ffcv_loader.FfcvLoader(ffcv_loader.ensure_beton(jpegs, betons),

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.losses import (
+from ltrainer.trainer.losses import (
     CrossEntropyLoss,
     FocalLoss,
     LDAMLoss,

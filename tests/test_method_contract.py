@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from tests.conftest import ROOT, needs_fmnist, tiny_overrides
-from trainer import checkpoint as ckpt
-from trainer.config import ConfigError, load_config
-from trainer.methods import METHODS
-from trainer.methods.classifier_base import FrozenBackbone
+from ltrainer.trainer import checkpoint as ckpt
+from ltrainer.trainer.config import ConfigError, load_config
+from ltrainer.trainer.methods import METHODS
+from ltrainer.trainer.methods.classifier_base import FrozenBackbone
 
 CE = os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml")
 POOL = ["semi.size=1", "semi.rho_u=10", "semi.unlabeled_ratio=0.5"]
@@ -36,9 +36,9 @@ CASES = sorted(METHODS) + ["crt+cache"]
 def inputs(tmp_path_factory, small_test_list):
     """A stage-1 checkpoint (an untrained MLP: the contract does not need a good one) and the
     pseudo-labels of the pool the semi methods use."""
-    from data_pipelines.unlabeled_pool import build_pool
-    from trainer import pseudo_labels
-    from trainer.models import create_model
+    from ltrainer.data_pipelines.unlabeled_pool import build_pool
+    from ltrainer.trainer import pseudo_labels
+    from ltrainer.trainer.models import create_model
     d = tmp_path_factory.mktemp("contract_inputs")
     torch.manual_seed(0)
     torch.save(create_model("mlp", 10, in_channels=1, image_size=28).state_dict(), d / "init.pt")
@@ -71,7 +71,7 @@ def contract_overrides(case: str, inputs) -> list[str]:
 
 def _attempt(cfg, spec):
     from tests import kill_points
-    from trainer.engine import train
+    from ltrainer.trainer.engine import train
     kill_points.install(spec)
     train(cfg)
 
@@ -83,7 +83,7 @@ def records(run_dir):
 @needs_fmnist
 @pytest.mark.parametrize("case", CASES)
 def test_three_steps_killed_and_resumed_end_bit_identical(case, inputs, tmp_path):
-    from trainer.engine import Trainer, train
+    from ltrainer.trainer.engine import Trainer, train
     try:
         cfg = lambda run: load_config(CE, tiny_overrides(tmp_path, inputs["lists"])
                                       + contract_overrides(case, inputs) + [f"run.name={run}"])
@@ -95,7 +95,7 @@ def test_three_steps_killed_and_resumed_end_bit_identical(case, inputs, tmp_path
     train(ref_cfg)
     spec = "kill:step:2" if cls.trains else "kill:eval:1"
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["trainer.engine", "tests.kill_points"])
+    ctx.set_forkserver_preload(["ltrainer.trainer.engine", "tests.kill_points"])
     p = ctx.Process(target=_attempt, args=(cfg("killed"), spec))
     p.start()
     p.join(300)
@@ -189,6 +189,7 @@ def test_no_method_imports_data_pipelines_or_another_method():
             for mod in mods:
                 sibling = mod.startswith(".") and not mod.startswith("..") and \
                     mod[1:].split(".")[0] not in bases
-                if mod.startswith("data_pipelines") or sibling:
+                if mod.startswith(("data_pipelines", "ltrainer.data_pipelines", "...data_pipelines")) \
+                        or sibling:
                     bad.append(f"{name}.py imports {mod}")
     assert not bad, bad

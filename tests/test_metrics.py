@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from trainer.metrics import evaluate_predictions, plot_per_class_accuracy, shot_split
-from trainer.results import confusion_matrix, split_results
+from ltrainer.trainer.metrics import evaluate_predictions, plot_per_class_accuracy, shot_split
+from ltrainer.trainer.results import confusion_matrix, split_results
 
 
 def test_shot_split_boundaries():

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import ROOT, needs_fmnist
-from trainer.config import load_config
-from trainer.methods.base import Batch
-from trainer.methods.moco import MoCo, info_nce_logits
-from trainer.step_context import StepContext
+from ltrainer.trainer.config import load_config
+from ltrainer.trainer.methods.base import Batch
+from ltrainer.trainer.methods.moco import MoCo, info_nce_logits
+from ltrainer.trainer.step_context import StepContext
 
 
 def make_moco(batch=8, queue=16, splits=1, momentum=0.9, name="resnet8"):
@@ -144,7 +144,7 @@ def test_shuffle_plan_sends_each_rank_only_the_images_it_encodes(sizes):
     """Simulated all_to_all over every rank: rank r ends up with exactly its slice of the
     shuffled global batch (what the old all-gather of every image computed), and receives
     sizes[r] images, not the whole global batch."""
-    from trainer.methods.moco import shuffle_plan
+    from ltrainer.trainer.methods.moco import shuffle_plan
 
     n, world = sum(sizes), len(sizes)
     images = torch.arange(n * 3, dtype=torch.float).view(n, 3)
@@ -182,7 +182,7 @@ def _uneven_moco(rank, world):
 
 
 def _uneven_worker(out):
-    from trainer import distributed as dist_utils
+    from ltrainer.trainer import distributed as dist_utils
     info = dist_utils.setup("cpu")
     torch.set_num_threads(1)
     m = _uneven_moco(info.rank, info.world_size)
@@ -208,7 +208,7 @@ def test_two_processes_with_unequal_local_batches(tmp_path):
     """A BatchNorm-free encoder makes keys independent of the grouping, so 2 processes with
     unequal local batches must give each rank the loss of its own rows and both the queue of
     one process; each rank sends and receives only the images it encodes."""
-    from trainer import distributed as dist_utils
+    from ltrainer.trainer import distributed as dist_utils
 
     dist_utils.run_local(_uneven_worker, 2, {"out": str(tmp_path)})
     ref = _uneven_moco(0, 1)
@@ -239,7 +239,7 @@ def test_split_bn_takes_a_short_batch_in_uneven_groups():
     import torch
     from torch import nn
 
-    from trainer.models.split_bn import SplitBatchNorm2d
+    from ltrainer.trainer.models.split_bn import SplitBatchNorm2d
     torch.manual_seed(0)
     x = torch.randn(9, 3, 4, 4)
     split = SplitBatchNorm2d(3, num_splits=4).train()

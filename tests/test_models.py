@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from trainer.models import (
+from ltrainer.trainer.models import (
     BACKBONES,
     Classifier,
     CosineHead,
@@ -17,7 +17,7 @@ from trainer.models import (
     create_model,
     export_torchvision_state_dict,
 )
-from trainer.models.resnet_cifar import ZeroPadShortcut
+from ltrainer.trainer.models.resnet_cifar import ZeroPadShortcut
 
 NUM_CLASSES = 7
 SMALL_BACKBONES = [n for n in BACKBONES if n != "resnet50"]  # resnet50 is tested alone (slow)

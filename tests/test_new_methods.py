@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tests.conftest import ROOT, needs_fmnist
-from trainer.config import ConfigError, load_config
+from ltrainer.trainer.config import ConfigError, load_config
 
 CE = os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml")
 
@@ -24,7 +24,7 @@ def test_logit_adjusted_loss_against_a_hand_computation():
     """Counts [3, 1], tau = 2: the logits [1, 2] become 1 + 2 log 3/4 and 2 + 2 log 1/4, so
     p_1 = (e^2 / 16) / (9e / 16 + e^2 / 16) = e / (9 + e): loss log(1 + 9/e) for label 1 and
     log(1 + e/9) for label 0. tau = 1 is Balanced Softmax, tau = 0 plain cross-entropy."""
-    from trainer.losses import create_loss
+    from ltrainer.trainer.losses import create_loss
     logits, target = torch.tensor([[1.0, 2.0], [1.0, 2.0]]), torch.tensor([1, 0])
     per_sample = create_loss("logit_adjusted", [3, 1], tau=2.0, reduction="none")(logits, target)
     assert torch.allclose(per_sample, torch.tensor([math.log(1 + 9 / math.e),
@@ -38,7 +38,7 @@ def test_logit_adjusted_loss_against_a_hand_computation():
 
 
 def test_logit_adjusted_loss_from_its_config():
-    from trainer.losses import loss_from_config
+    from ltrainer.trainer.losses import loss_from_config
     cfg = load_config(os.path.join(ROOT, "configs", "fmnist_lt_logit_adjusted.yaml"),
                       ["loss.la_tau=0.5"])
     loss = loss_from_config(cfg.loss, [10, 1])
@@ -71,8 +71,8 @@ class _FakeTrainer:
 
 
 def _posthoc(tmp_path, *over):
-    from trainer.methods import create_method
-    from trainer.models import Classifier, LinearHead, create_model
+    from ltrainer.trainer.methods import create_method
+    from ltrainer.trainer.models import Classifier, LinearHead, create_model
     init = tmp_path / "init.pt"
     torch.save(create_model("mlp", 2, in_channels=1, image_size=28).state_dict(), init)
     cfg = load_config(CE, ["method.name=logit_adjust", f"model.init={init}", "model.name=mlp",
@@ -142,7 +142,7 @@ def test_selecting_on_the_reported_split_is_refused(over, message):
 
 def test_selection_on_the_only_held_out_split_is_allowed_and_said():
     """iNaturalist 2018: 'val' is the only held-out split, so it both selects and reports."""
-    from trainer.protocol import selection_note
+    from ltrainer.trainer.protocol import selection_note
     cfg = load_config(CE, POSTHOC + LIST + ["data.val_list=v", "data.test_list=null",
                                             "eval.split=val"])
     note = selection_note(cfg, cfg.logit_adjust.split)
@@ -157,7 +157,7 @@ def test_selection_on_the_only_held_out_split_is_allowed_and_said():
 def test_progressive_class_probabilities_by_hand():
     """Counts [3, 0, 1] (class 1 empty), T = 4: p(t) = (1 - t/4) [3/4, 0, 1/4] + t/4 [1/2, 0, 1/2]:
     epoch 0 [.75, 0, .25], epoch 2 [.625, 0, .375], epoch 4 and later [.5, 0, .5]."""
-    from data_pipelines.samplers import build_sampler
+    from ltrainer.data_pipelines.samplers import build_sampler
     s = build_sampler("progressive", [0, 2, 0, 0], batch_size=1, num_epochs=4)
     assert len(s) == 4                                   # an epoch is N draws
     for epoch, want in ((0, [.75, 0, .25]), (2, [.625, 0, .375]), (4, [.5, 0, .5]),
@@ -169,7 +169,7 @@ def test_progressive_class_probabilities_by_hand():
 
 def test_progressive_sampler_draws_follow_p_and_use_items_evenly():
     import numpy as np
-    from data_pipelines.samplers import build_sampler
+    from ltrainer.data_pipelines.samplers import build_sampler
     labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
     s = build_sampler("progressive", labels, batch_size=100, num_epochs=2,
                       num_samples=30000, seed=3)
@@ -192,7 +192,7 @@ def test_progressive_sampler_draws_follow_p_and_use_items_evenly():
 def test_progressive_sampler_ranks_share_one_global_order():
     """Every rank builds the single process's global order (the shared sharding then gives
     each its contiguous slices, tests/test_samplers.py)."""
-    from data_pipelines.samplers import build_sampler
+    from ltrainer.data_pipelines.samplers import build_sampler
     labels = [0] * 12 + [1] * 3 + [2]
     one = build_sampler("progressive", labels, batch_size=4, num_epochs=3, seed=1)
     ranks = [build_sampler("progressive", labels, batch_size=2, world_size=2, rank=r,
@@ -232,8 +232,8 @@ def test_timm_backbone_with_our_heads_loads_a_local_timm_file_and_exports(tmp_pa
     the backbone through model.init; its classifier is dropped, or loaded with init_head;
     the export loads strictly into timm's own model and gives the same logits."""
     timm = pytest.importorskip("timm")
-    from trainer.models import create_model, export_torchvision_state_dict
-    from trainer.transfer import load_pretrained
+    from ltrainer.trainer.models import create_model, export_torchvision_state_dict
+    from ltrainer.trainer.transfer import load_pretrained
     src = timm.create_model(name, pretrained=False, num_classes=5, in_chans=1, img_size=32) \
         if "vit" in name else timm.create_model(name, pretrained=False, num_classes=5, in_chans=1)
     torch.save(src.state_dict(), tmp_path / "timm.pth")
@@ -264,7 +264,7 @@ def test_timm_backbone_with_our_heads_loads_a_local_timm_file_and_exports(tmp_pa
 # ------------------------------------------------- per-class / per-image, last / best epoch
 
 def _evaluation(true, pred, counts):
-    from trainer.metrics import evaluate_predictions
+    from ltrainer.trainer.metrics import evaluate_predictions
     return evaluate_predictions(pred, true, len(counts), counts, many=100, few=20)
 
 
@@ -272,7 +272,7 @@ def test_per_class_and_per_image_accuracy_by_hand():
     """Train counts [200, 50, 5]: one class per shot. Evaluated: class 0 (many) 4 images, 3
     right; class 1 (medium) 1 image, right; class 2 (few) 2 images, 0 right. Per image 4/7;
     per class (75 + 100 + 0) / 3; a shot with one class is the same both ways."""
-    from trainer.results import accuracy_report
+    from ltrainer.trainer.results import accuracy_report
     m = _evaluation([0, 0, 0, 0, 1, 2, 2], [0, 0, 0, 1, 1, 0, 1], [200, 50, 5])
     r = accuracy_report(m, [200, 50, 5])
     assert r["per_image"]["all"] == pytest.approx(400 / 7)
@@ -293,7 +293,7 @@ def test_per_class_and_per_image_accuracy_by_hand():
 
 
 def test_results_report_test_at_the_last_and_at_the_best_val_epoch():
-    from trainer.protocol import EpochSelection
+    from ltrainer.trainer.protocol import EpochSelection
     counts = [200, 50, 5]
     cfg = load_config(CE, ["data.val_per_class=5"])
     sel = EpochSelection(cfg, counts)
@@ -322,7 +322,7 @@ def test_results_report_test_at_the_last_and_at_the_best_val_epoch():
 
 
 def test_inat_best_epoch_on_its_only_held_out_split_is_said():
-    from trainer.protocol import EpochSelection
+    from ltrainer.trainer.protocol import EpochSelection
     cfg = load_config(CE, LIST + ["data.val_list=v", "data.test_list=null", "eval.split=val"])
     sel = EpochSelection(cfg, [200, 50, 5])
     m = _evaluation([0, 1, 2], [0, 1, 2], [200, 50, 5])
@@ -337,7 +337,7 @@ def test_max_norm_radius_and_projection_by_hand():
     """Class norms 5, 1 and 0.5 (rows [3, 4], [0.6, 0.8], [0, 0.5]): threshold 0.1 gives the
     radius 0.5 + 0.1 x 4.5 = 0.95; projected, row 0 becomes [0.57, 0.76] (norm 0.95), row 1
     [0.57, 0.76] too (norm 1 > 0.95), row 2 is inside and stays."""
-    from trainer.methods.weight_balancing import max_norm_radius, project_max_norm
+    from ltrainer.trainer.methods.weight_balancing import max_norm_radius, project_max_norm
     w = torch.tensor([[3.0, 4.0], [0.6, 0.8], [0.0, 0.5]])
     r = max_norm_radius(w, 0.1)
     assert r == pytest.approx(0.95)
@@ -346,9 +346,9 @@ def test_max_norm_radius_and_projection_by_hand():
 
 
 def test_weight_balancing_projects_after_every_step_and_weighs_by_class(tmp_path):
-    from trainer.losses import class_balanced_weights
-    from trainer.methods import create_method
-    from trainer.models import create_model
+    from ltrainer.trainer.losses import class_balanced_weights
+    from ltrainer.trainer.methods import create_method
+    from ltrainer.trainer.models import create_model
     init = tmp_path / "init.pt"
     model = create_model("mlp", 3, in_channels=1, image_size=28)
     with torch.no_grad():
@@ -375,7 +375,7 @@ def test_ema_update_by_hand_and_as_the_per_tensor_loop():
     """decay 0.75: [1, 2] toward [3, 6] gives [1.5, 3]; BatchNorm statistics stay the
     target's own ('own') or are averaged too ('average', num_batches_tracked copied); the
     fused update equals the per-tensor loop the methods used, bit for bit."""
-    from trainer.ema import ema_update, frozen_copy, warmup_decay
+    from ltrainer.trainer.ema import ema_update, frozen_copy, warmup_decay
     src = nn.Sequential(nn.Linear(2, 1, bias=False), nn.BatchNorm1d(1))
     tgt = frozen_copy(src)
     with torch.no_grad():
@@ -409,8 +409,8 @@ def test_ema_update_by_hand_and_as_the_per_tensor_loop():
 # ------------------------------------------------------------------- gradient accumulation
 
 def _grads_after(model, batch, chunks):
-    from trainer.accumulate import accumulated_step
-    from trainer.methods.base import Batch
+    from ltrainer.trainer.accumulate import accumulated_step
+    from ltrainer.trainer.methods.base import Batch
     model.zero_grad(set_to_none=True)
 
     def forward(micro):
@@ -425,7 +425,7 @@ def test_accumulated_gradients_equal_the_large_batch_without_batchnorm():
     """An MLP (no BatchNorm): 4 micro-batches of 6 (and uneven ones of 6/6/5/5) give the
     gradient and loss of the batch of 24. ResNet-8 (BatchNorm) does not: each micro-batch is
     normalised with its own statistics."""
-    from trainer.models import create_model
+    from ltrainer.trainer.models import create_model
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(24, 1, 8, 8, generator=g), torch.randint(0, 3, (24,), generator=g)
     mlp = create_model("mlp", 3, in_channels=1, image_size=8)
@@ -434,8 +434,8 @@ def test_accumulated_gradients_equal_the_large_batch_without_batchnorm():
     assert torch.allclose(loss1, loss4, atol=1e-6) and torch.allclose(logs["loss"], loss1)
     for a, b in zip(big, small):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    from trainer.accumulate import micro_batches
-    from trainer.methods.base import Batch
+    from ltrainer.trainer.accumulate import micro_batches
+    from ltrainer.trainer.methods.base import Batch
     assert [m.images.shape[0] for m in micro_batches(Batch(x[:22], y[:22]), 4)] == [6, 6, 5, 5]
     _, _, big22 = _grads_after(mlp, (x[:22], y[:22]), 1)
     _, _, acc22 = _grads_after(mlp, (x[:22], y[:22]), 4)
@@ -460,7 +460,7 @@ def test_results_json_has_the_last_and_the_best_validation_epoch(tiny):
     whose val balanced accuracy was best (metrics.jsonl holds every evaluation to check it),
     with per-class and per-image accuracy and the shot thresholds."""
     import json
-    from trainer.engine import train
+    from ltrainer.trainer.engine import train
     cfg = load_config(CE, tiny + ["run.name=sel", "data.val_per_class=10"])
     res = train(cfg)
     run = os.path.join(cfg.run.out_dir, "sel")
@@ -485,7 +485,7 @@ def test_post_hoc_logit_adjustment_and_weight_balancing_run_on_a_ce_model(tiny):
     says where, and model_final.pt is the CE classifier with -tau log pi added to its bias;
     then weight balancing from it: every class norm within the MaxNorm radius, the backbone
     (weights and BatchNorm statistics) unchanged."""
-    from trainer.engine import train
+    from ltrainer.trainer.engine import train
     ce = load_config(CE, tiny + ["run.name=ce", "sched.epochs=1", "sched.warmup_epochs=0",
                                  "data.val_per_class=10"])
     train(ce)
@@ -497,8 +497,8 @@ def test_post_hoc_logit_adjustment_and_weight_balancing_run_on_a_ce_model(tiny):
     assert res["tau_search"][f"{res['tau']:g}"] == max(res["tau_search"].values())
     init = torch.load(os.path.join(run, "model_final.pt"), weights_only=True)
     final = torch.load(os.path.join(cfg.run.out_dir, "la", "model_final.pt"), weights_only=True)
-    from trainer.methods.logit_adjust import log_prior
-    from trainer.results import load_per_class
+    from ltrainer.trainer.methods.logit_adjust import log_prior
+    from ltrainer.trainer.results import load_per_class
     prior = log_prior(load_per_class(os.path.join(cfg.run.out_dir, "la"))["class_counts"].tolist())
     torch.testing.assert_close(final["head.fc.bias"], init["head.fc.bias"] - res["tau"] * prior)
     torch.testing.assert_close(final["head.fc.weight"], init["head.fc.weight"])
@@ -518,8 +518,8 @@ def test_post_hoc_logit_adjustment_and_weight_balancing_run_on_a_ce_model(tiny):
 def test_mean_teacher_and_moco_use_the_one_ema():
     """The teacher and the key encoder are trainer/ema.py's frozen copies, updated by its
     ema_update (test_moco / test_semi check their formulas through it)."""
-    from trainer import ema
-    from trainer.methods import mean_teacher, moco
+    from ltrainer.trainer import ema
+    from ltrainer.trainer.methods import mean_teacher, moco
     assert mean_teacher.ema_update is ema.ema_update and moco.ema_update is ema.ema_update
     assert mean_teacher.frozen_copy is ema.frozen_copy and moco.frozen_copy is ema.frozen_copy
 
@@ -527,7 +527,7 @@ def test_mean_teacher_and_moco_use_the_one_ema():
 def test_supervised_weight_ema_is_what_is_evaluated_and_saved():
     """ema.decay 0.9 without warm-up: after one step from w0 to w1 the EMA holds
     0.9 w0 + 0.1 w1; predict and final_model use it; ema.decay 0 keeps the raw model."""
-    from trainer.methods import create_method
+    from ltrainer.trainer.methods import create_method
     data = types.SimpleNamespace(class_counts=[5, 5], num_classes=2, in_channels=1)
     cfg = load_config(CE, ["model.name=mlp", "ema.decay=0.9", "ema.warmup=false"])
     method = create_method(cfg, data, torch.device("cpu"))
@@ -548,8 +548,8 @@ def test_supervised_weight_ema_is_what_is_evaluated_and_saved():
 def test_progressive_sampling_through_the_engine(tiny):
     """train_rule resample + sampler progressive: the method asks for T = sched.epochs and
     the engine's loader draws with the progressively-balanced sampler."""
-    from data_pipelines.samplers import ProgressivelyBalancedSampler
-    from trainer.engine import Trainer
+    from ltrainer.data_pipelines.samplers import ProgressivelyBalancedSampler
+    from ltrainer.trainer.engine import Trainer
     cfg = load_config(CE, tiny + ["run.name=pb", "train_rule.name=resample",
                                   "train_rule.sampler=progressive", "sched.epochs=2"])
     trainer = Trainer(cfg)
@@ -562,8 +562,8 @@ def test_progressive_sampling_through_the_engine(tiny):
 
 
 def test_dry_run_plan_says_what_selects_and_when_it_is_the_reported_split():
-    from trainer.methods import METHODS
-    from trainer.protocol import describe_selection
+    from ltrainer.trainer.methods import METHODS
+    from ltrainer.trainer.protocol import describe_selection
     inat = load_config(CE, POSTHOC + LIST + ["data.val_list=v", "data.test_list=null",
                                              "eval.split=val"])
     text = describe_selection(inat, METHODS["logit_adjust"])

@@ -17,8 +17,9 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOP_LEVEL = {"trainer", "data_pipelines", "configspec", "ltrainer"}
-INSTALLED = {"trainer": "trainer", "data_pipelines": "data_pipelines", "configspec": "configspec",
+TOP_LEVEL = {"ltrainer"}
+INSTALLED = {"trainer": "ltrainer/trainer", "data_pipelines": "ltrainer/data_pipelines",
+             "configspec": "ltrainer/configspec",
              "launchers": "ltrainer/launchers", "tools": "ltrainer/tools"}
 
 
@@ -62,10 +63,12 @@ def _imports(path):
 
 
 def test_scripts_folders_have_one_module_name():
-    """tools/x.py is ltrainer.tools.x: importing it as `tools.x` would load a second copy."""
+    """tools/x.py is ltrainer.tools.x, trainer/x.py ltrainer.trainer.x: importing one as
+    `tools.x` or `trainer.x` (which the repository root on sys.path would allow) would load a
+    second copy, with its own registries."""
     found = [(os.path.relpath(p, ROOT), m) for p in project_files() for m in _imports(p)
-             if m.split(".")[0] in ("tools", "launchers")]
-    assert not found, f"import these as ltrainer.tools / ltrainer.launchers: {found}"
+             if m.split(".")[0] in INSTALLED]
+    assert not found, f"import these as ltrainer.<folder>: {found}"
 
 
 def test_only_public_submitit_api():

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, needs_fmnist, run_cli
-from trainer.config import ConfigError
-from trainer.pipeline import load_plan
-from trainer.results import load_per_class
+from ltrainer.trainer.config import ConfigError
+from ltrainer.trainer.pipeline import load_plan
+from ltrainer.trainer.results import load_per_class
 
 TRAIN = os.path.join(ROOT, "launchers", "train.py")
 ROTATION = os.path.join(ROOT, "configs", "fmnist_lt_rotation_ldam_drw.yaml")

@@ -86,7 +86,7 @@ def test_dry_run_reports_every_list_problem_at_once(tmp_path, capsys, monkeypatc
 
 
 def test_required_keys_are_reported_together(tmp_path):
-    from trainer.config import ConfigError, load_config
+    from ltrainer.trainer.config import ConfigError, load_config
     path = tmp_path / "r.yaml"
     path.write_text("data:\n  source: list\n" + "".join(f"  {k}: ???\n" for k in (
         "root", "train_list", "val_list", "test_list")))
@@ -132,8 +132,8 @@ def test_plan_prints_batch_lr_steps_and_crt_samples_even_without_images(tmp_path
 def test_linear_lr_scaling_from_the_reference_batch():
     """optim.lr is for optim.ref_batch: batch 32 with ref 256 trains at lr x 1/8, and the
     run's first log line says so; null (the default) keeps the lr as given."""
-    from trainer.config import load_config
-    from trainer.optim import build_optimizer, describe_lr
+    from ltrainer.trainer.config import load_config
+    from ltrainer.trainer.optim import build_optimizer, describe_lr
     cfg = load_config(os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml"),
                       ["optim.lr=0.2", "optim.ref_batch=256", "data.batch_size=32"])
     params = [torch.nn.Parameter(torch.zeros(2))]
@@ -166,8 +166,8 @@ def test_the_engine_trains_at_the_scaled_lr_and_logs_it(tmp_path, small_test_lis
 
 def test_paper_configs_state_their_reference_batch_and_split_over_8_and_32_gpus(monkeypatch):
     monkeypatch.setenv("LTRAINER_DATA", "/data")
-    from trainer.pipeline import check_world, load_plan
-    from trainer.optim import scaled_lr
+    from ltrainer.trainer.pipeline import check_world, load_plan
+    from ltrainer.trainer.optim import scaled_lr
     for config in ("inat_moco_crt.yaml", "inat_ce.yaml", "imagenet_lt_moco_crt.yaml",
                    "imagenet_lt_ce.yaml", "imagenet_lt_ce_balanced.yaml"):
         plan = load_plan(os.path.join(ROOT, "configs", config))
@@ -182,9 +182,9 @@ def test_paper_configs_state_their_reference_batch_and_split_over_8_and_32_gpus(
 
 def test_classes_without_training_images_are_named_unless_the_method_does_without(
         tmp_path, capsys, monkeypatch):
-    from data_pipelines.sources import DataError
-    from trainer.config import load_config
-    from trainer.methods import check_every_class
+    from ltrainer.data_pipelines.sources import DataError
+    from ltrainer.trainer.config import load_config
+    from ltrainer.trainer.methods import check_every_class
     counts = [5, 0, 3] + [0] * 997
     cfg = load_config(os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml"),
                       ["train_rule.name=drw"])
@@ -202,7 +202,7 @@ def test_classes_without_training_images_are_named_unless_the_method_does_withou
                                         r"'balanced_softmax' is built from the class counts"):
         check_every_class(sub, [4, 0, 1])
     # plain CE really trains with an empty class (the CB weights it never uses are not built)
-    from trainer.methods import create_method
+    from ltrainer.trainer.methods import create_method
 
     class Data:
         num_classes, in_channels, class_counts = 3, 1, [4, 0, 1]
@@ -227,7 +227,7 @@ def test_classes_without_training_images_are_named_unless_the_method_does_withou
 
 def test_inat_configs_evaluate_on_val_without_a_test_list(monkeypatch):
     monkeypatch.setenv("LTRAINER_DATA", "/data")
-    from trainer.pipeline import load_plan
+    from ltrainer.trainer.pipeline import load_plan
     for config in ("inat_moco_crt.yaml", "inat_ce.yaml"):
         text = open(os.path.join(ROOT, "configs", config)).read()
         assert "no test split" in text
@@ -238,8 +238,8 @@ def test_inat_configs_evaluate_on_val_without_a_test_list(monkeypatch):
 # ------------------------------------------------------------------ finding 6: threads
 
 def test_threads_and_workers_follow_the_allocation(monkeypatch):
-    from data_pipelines import cpus
-    from trainer import engine
+    from ltrainer.data_pipelines import cpus
+    from ltrainer.trainer import engine
     for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE",
                  "SLURM_NTASKS_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
@@ -251,7 +251,7 @@ def test_threads_and_workers_follow_the_allocation(monkeypatch):
     assert cpus.cpus_per_process() == 6 and cpus.loader_workers(8) == 5
     monkeypatch.setenv("OMP_NUM_THREADS", "3")   # torch threads; workers keep Slurm's budget
     assert cpus.cpus_per_process() == 3 and cpus.loader_workers(8) == 5
-    from data_pipelines.loaders import _threads   # DALI / FFCV threads: the same budget
+    from ltrainer.data_pipelines.loaders import _threads   # DALI / FFCV threads: the same budget
     monkeypatch.setenv("OMP_NUM_THREADS", "1")    # as torchrun sets it
     assert _threads({"workers": 8, "dali_threads": 0}, "dali_threads") == 6
     assert _threads({"workers": 0, "dali_threads": 0}, "dali_threads") == 6
@@ -259,8 +259,8 @@ def test_threads_and_workers_follow_the_allocation(monkeypatch):
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
     assert cpus.loader_workers(8) == 0 and cpus.loader_workers(0) == 0
     # engine.threads: 0 takes that budget, a number is taken as given
-    from trainer.config import load_config
-    from trainer.distributed import DistInfo
+    from ltrainer.trainer.config import load_config
+    from ltrainer.trainer.distributed import DistInfo
     got = []
     monkeypatch.setattr(torch, "set_num_threads", got.append)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
@@ -304,7 +304,7 @@ def test_inat_dry_run_as_typed_with_ltrainer_data(tmp_path, capsys, monkeypatch)
 
 
 def test_env_substitution_is_generic_with_defaults(tmp_path, monkeypatch):
-    from trainer.config import ConfigError, load_config
+    from ltrainer.trainer.config import ConfigError, load_config
     path = tmp_path / "e.yaml"
     path.write_text("run: {out_dir: '${LTT_X}/runs', name: '${LTT_Y:-plain}'}\n")
     monkeypatch.delenv("LTT_Y", raising=False)
@@ -374,7 +374,7 @@ def test_bad_data_found_by_rank_0_stops_every_rank(tmp_path):
     import subprocess
     import sys
     import time
-    from trainer.distributed import free_port
+    from ltrainer.trainer.distributed import free_port
     path = _list_config(tmp_path, label=7)
     env = dict(os.environ, PYTHONPATH=ROOT, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")

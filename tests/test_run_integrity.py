@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, needs_fmnist, run_cli
-from trainer import checkpoint as ckpt
-from trainer import engine
-from trainer.config import load_config
-from trainer.run_folder import FINGERPRINT, LOCK, RunFolder
+from ltrainer.trainer import checkpoint as ckpt
+from ltrainer.trainer import engine
+from ltrainer.trainer.config import load_config
+from ltrainer.trainer.run_folder import FINGERPRINT, LOCK, RunFolder
 
 pytestmark = needs_fmnist
 CE = os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml")
@@ -130,7 +130,7 @@ def test_a_key_added_to_the_trainer_later_at_its_default_is_no_change():
     """A run folder recorded before optim.ref_batch / model.sync_bn existed must still resume
     when they stay at their defaults (which keep the old behaviour); another value is a
     change, and a key that disappeared is one too."""
-    from trainer.run_folder import _diff
+    from ltrainer.trainer.run_folder import _diff
     old = {"optim.lr": 0.1}
     assert _diff(old, {"optim.lr": 0.1, "optim.ref_batch": None, "model.sync_bn": False}) == {}
     assert _diff(old, {"optim.lr": 0.1, "model.sync_bn": True}) == {
@@ -173,7 +173,7 @@ def test_pipeline_stage_with_changed_config_or_upstream_is_refused(over, tmp_pat
 def test_keys_of_unused_components_and_run_settings_are_not_fingerprinted(over):
     """Another loss's margin, the pool of a method that reads none, the log cadence: free;
     the loss actually used: fingerprinted."""
-    from trainer.run_folder import fingerprint
+    from ltrainer.trainer.run_folder import fingerprint
     digest = lambda *extra: fingerprint(load_config(CE, over + list(extra)), 1)["digest"]
     base = digest()
     assert digest("loss.ldam_s=10", "semi.rho_u=50", "engine.log_every=1",
@@ -282,7 +282,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_a_checkpoint(over, tmp_path)
 def test_sigterm_during_evaluation_keeps_the_epoch(over, tmp_path, main, monkeypatch):
     """The epoch checkpoint used to be written after evaluation, so a stop there lost the
     epoch; now it is written before, and a stop asked during evaluation saves after it."""
-    from trainer import run_log
+    from ltrainer.trainer import run_log
     args = [CE, *over]
     assert main(*args, "run.name=ref")[0] == 0
     original = run_log.RunLog.metrics
@@ -395,7 +395,7 @@ def test_ranks_agree_on_a_stop_only_every_n_steps():
     processes it now runs every STOP_CHECK_EVERY steps and at the epoch's last step."""
     from types import SimpleNamespace
 
-    from trainer import distributed as dist_utils
+    from ltrainer.trainer import distributed as dist_utils
     calls = []
     real = dist_utils.any_rank
     dist_utils.any_rank = lambda flag: calls.append(flag) or False
@@ -416,7 +416,7 @@ def _two_ranks(out_dir: str, overrides: list):
     broadcast, and an engine run recording the BatchNorm buffers each rank evaluates."""
     import random as pyrandom
 
-    from trainer import distributed as dist_utils
+    from ltrainer.trainer import distributed as dist_utils
     info = dist_utils.setup("cpu", "gloo")
     rank = info.rank
 
@@ -455,7 +455,7 @@ def _two_ranks(out_dir: str, overrides: list):
 def test_two_ranks_restore_their_own_rng_and_evaluate_rank_zeros_buffers(tiny, tmp_path):
     """Item 1: every rank restored rank 0's RNG state; item 7: after the last step each rank
     kept its own BatchNorm statistics, so ranks evaluated different models."""
-    from trainer import distributed as dist_utils
+    from ltrainer.trainer import distributed as dist_utils
     over = tiny + ["run.name=two", "engine.progress=none", "sched.epochs=1",
                    "sched.milestones=[]", "engine.max_steps=4"]
     dist_utils.run_local(_two_ranks, 2, {"out_dir": str(tmp_path), "overrides": over})
@@ -486,7 +486,7 @@ def _attempt(config: str, overrides: list, spec: str | None):
     """One attempt of the pipeline in a child forked from a server that has torch imported;
     `spec` installs a kill point (tests/kill_points.py)."""
     from tests import kill_points
-    from trainer.pipeline import load_plan, run_plan
+    from ltrainer.trainer.pipeline import load_plan, run_plan
     if spec:
         kill_points.install(spec)
     run_plan(load_plan(config, overrides))
@@ -511,7 +511,7 @@ def test_randomized_kills_over_a_two_stage_pipeline(over, tmp_path):
     base = [o for o in over if not o.startswith("run.out_dir")] + [
         "sched.epochs=2", "sched.milestones=[]", "b.sched.epochs=2"]
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["trainer.engine", "trainer.pipeline", "tests.kill_points"])
+    ctx.set_forkserver_preload(["ltrainer.trainer.engine", "ltrainer.trainer.pipeline", "tests.kill_points"])
     ref = base + [f"run.out_dir={tmp_path / 'ref'}"]
     assert _run_attempt(ctx, str(config), ref, None) == 0
     steps = max(r["step"] for r in records(tmp_path / "ref" / "kp" / "a"))       # 24

@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from data_pipelines.samplers import SequentialSampler
-from data_pipelines.sources import read_list_file
+from ltrainer.data_pipelines.samplers import SequentialSampler
+from ltrainer.data_pipelines.sources import read_list_file
 from tests.conftest import needs_fmnist
-from trainer.run_log import RunLog
+from ltrainer.trainer.run_log import RunLog
 
 
 def _lines(run_dir):
@@ -49,9 +49,9 @@ def test_other_ranks_write_no_run_log(tmp_path):
 @needs_fmnist
 def test_a_skipped_image_is_in_run_log(tmp_path):
     """The loader's own warning, from a real torchvision loader in skip mode."""
-    from data_pipelines.augment import DEFAULT_STATS, build_transform
-    from data_pipelines.datasets import AugmentedDataset
-    from data_pipelines.loaders import make_train_loader
+    from ltrainer.data_pipelines.augment import DEFAULT_STATS, build_transform
+    from ltrainer.data_pipelines.datasets import AugmentedDataset
+    from ltrainer.data_pipelines.loaders import make_train_loader
     from ltrainer.tools.bench_loaders import make_jpeg_set
 
     good = read_list_file(make_jpeg_set(str(tmp_path / "jpegs"), n=6, size=32))

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data_pipelines.samplers import (ClassWeightedSampler, SequentialSampler, UniformSampler,
+from ltrainer.data_pipelines.samplers import (ClassWeightedSampler, SequentialSampler, UniformSampler,
                                      build_sampler)
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, needs_fmnist, run_cli
-from trainer.config import load_config
-from trainer.metrics import evaluate_predictions
-from trainer.pipeline import Stage, run_plan
-from trainer.results import (PER_CLASS, confusion_matrix, describe_class_counts,
+from ltrainer.trainer.config import load_config
+from ltrainer.trainer.metrics import evaluate_predictions
+from ltrainer.trainer.pipeline import Stage, run_plan
+from ltrainer.trainer.results import (PER_CLASS, confusion_matrix, describe_class_counts,
                              load_per_class, per_class_accuracy, write_results)
 
 CE = os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml")
@@ -48,8 +48,8 @@ def test_results_json_stays_small_at_8142_classes(tmp_path):
 def test_divergence_is_caught_above_the_start_not_only_at_nan():
     """Finding 7: a cRT loss went 25 -> 2e26 without tripping the non-finite check. A loss
     100x its first logged value (or over 1e4) stops, naming the lr used and the batch."""
-    from trainer.divergence import Diverged
-    from trainer.engine import Trainer
+    from ltrainer.trainer.divergence import Diverged
+    from ltrainer.trainer.engine import Trainer
     fake = SimpleNamespace(first_loss=None, epoch=0, step_in_epoch=5, global_step=5,
                            info=SimpleNamespace(enabled=False),
                            cfg=SimpleNamespace(optim=SimpleNamespace(lr=0.2),
@@ -79,7 +79,7 @@ def test_huge_lr_stops_the_run_with_lr_and_batch(tiny):
 @needs_fmnist
 def test_max_steps_run_is_partial_and_continues(tiny, tmp_path, capsys):
     """Finding 8: engine.max_steps marked the run complete, so a larger budget did nothing."""
-    from trainer.engine import train
+    from ltrainer.trainer.engine import train
     over = tiny + ["run.name=smoke", "model.name=mlp", "sched.epochs=2"]
     res = train(load_config(CE, over + ["engine.max_steps=3"]))
     assert res["partial"] is True and res["global_step"] == 3 and res["max_steps"] == 3
@@ -100,7 +100,7 @@ def test_max_steps_run_is_partial_and_continues(tiny, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory, small_test_list):
     from tests.conftest import tiny_overrides
-    from trainer.engine import train
+    from ltrainer.trainer.engine import train
     out = tmp_path_factory.mktemp("scale_stage1")
     train(load_config(CE, tiny_overrides(out, small_test_list) + [
         "run.name=stage1", "model.name=mlp", "sched.epochs=1", "data.val_per_class=20"]))
@@ -114,7 +114,7 @@ def test_ncm_tau_norm_and_evaluation_per_rank_match_one_process(tiny, tmp_path, 
     evaluation (sparse confusion counts) reduce per rank instead of gathering the split's
     features on every rank; 2 gloo processes give what 1 process gives."""
     from ltrainer.launchers.train import launch
-    from trainer.engine import Trainer
+    from ltrainer.trainer.engine import Trainer
     kept, embed = [], Trainer.embed
 
     def recording(self, *args, **kw):   # what each split-wide pass leaves in memory
@@ -167,7 +167,7 @@ def test_pseudo_labels_place_rows_by_dataset_index_when_images_were_skipped(tmp_
     """With data.on_bad_image: skip the pool pass returns only the images read, with their
     dataset indices: row i must still label pool image i, and an unread image is never
     selected (it used to shift every later label by one row)."""
-    from trainer.methods.pseudo_label import POOL_SPLIT, PseudoLabel
+    from ltrainer.trainer.methods.pseudo_label import POOL_SPLIT, PseudoLabel
     n, c, skipped = 8, 3, [2, 5]
     logits = torch.nn.functional.one_hot(torch.arange(n) % c, c).float() * 5
     kept = torch.tensor([i for i in range(n) if i not in skipped])
@@ -196,7 +196,7 @@ def test_smoke_pipeline_continues_to_the_full_budget(tiny, tmp_path):
     """Finding 8 in a pipeline: after a max_steps smoke run of every stage, the full run
     continues the first stage and starts the second over from the first's new weights (its
     start weights changed), instead of refusing it for its upstream's fingerprint."""
-    from trainer.pipeline import load_plan
+    from ltrainer.trainer.pipeline import load_plan
     cfg = tmp_path / "two.yaml"
     cfg.write_text(f"_base_: {CE}\nstages:\n  - name: a\n  - name: b\n"
                    f"    model: {{init: '@a'}}\n")

@@ -11,21 +11,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_pipelines.build import build_data, held_out_val, labeled_split
-from data_pipelines.sources import DataError, base_indices
-from data_pipelines.unlabeled_pool import (build_pool, image_ids, task_image_ids,
+from ltrainer.data_pipelines.build import build_data, held_out_val, labeled_split
+from ltrainer.data_pipelines.sources import DataError, base_indices
+from ltrainer.data_pipelines.unlabeled_pool import (build_pool, image_ids, task_image_ids,
                                            unlabeled_counts)
 from tests.conftest import ROOT, needs_fmnist, run_cli
 from ltrainer.tools import make_unlabeled_pool as make_pool
-from trainer import pseudo_labels
-from trainer.config import ConfigError, load_config
-from trainer.losses import class_balanced_weights
-from trainer.methods.base import Batch
-from trainer.ema import ema_update, warmup_decay as ema_decay
-from trainer.methods.vat import frozen_buffers, vat_perturbation
-from trainer.pipeline import load_plan, run_plan
-from trainer.serving import build_method
-from trainer.step_context import StepContext
+from ltrainer.trainer import pseudo_labels
+from ltrainer.trainer.config import ConfigError, load_config
+from ltrainer.trainer.losses import class_balanced_weights
+from ltrainer.trainer.methods.base import Batch
+from ltrainer.trainer.ema import ema_update, warmup_decay as ema_decay
+from ltrainer.trainer.methods.vat import frozen_buffers, vat_perturbation
+from ltrainer.trainer.pipeline import load_plan, run_plan
+from ltrainer.trainer.serving import build_method
+from ltrainer.trainer.step_context import StepContext
 
 pytestmark = needs_fmnist
 CE = os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml")
@@ -148,7 +148,7 @@ def test_pool_from_a_list_file_excludes_training_and_listed_test_images(tmp_path
     task's own files): the pool keeps neither the long-tailed subset nor the test images."""
     from PIL import Image
 
-    from data_pipelines.unlabeled_pool import pool_files
+    from ltrainer.data_pipelines.unlabeled_pool import pool_files
     lines = {"train": [], "test": []}
     for c in range(3):
         for i in range(40):
@@ -277,7 +277,7 @@ def test_omega_weighted_loss_equals_a_hand_computation(tiny, tmp_path):
 def test_self_training_killed_runs_resume_to_identical_weights(tiny, tmp_path):
     """36 steps of 16 pool images walk past the end of the 398-image pool (24 batches), so the
     kills land before and after the pool's own epoch boundary."""
-    from trainer.engine import train
+    from ltrainer.trainer.engine import train
     over = [*tiny, *SMALL_POOL, "method.name=self_training",
             f"semi.pseudo_labels={tmp_path / 'pl.npz'}", "checkpoint.every_steps=4"]
     fake_pseudo_labels(load_config(CE, over), tmp_path / "pl.npz")
@@ -302,8 +302,8 @@ def test_self_training_killed_runs_resume_to_identical_weights(tiny, tmp_path):
 def test_self_training_runs_with_the_accelerated_loaders(backend, tiny, tmp_path):
     """The pool's batches come through the same loader interface as the labeled ones, with
     its pseudo-labels (not the hidden true labels) as targets."""
-    from data_pipelines.loaders import backend_status
-    from trainer.engine import train
+    from ltrainer.data_pipelines.loaders import backend_status
+    from ltrainer.trainer.engine import train
     if not backend_status(backend)[0]:
         pytest.skip(f"{backend} is not installed")
     over = [*tiny, *SMALL_POOL, "method.name=self_training", "engine.max_steps=3",
@@ -339,7 +339,7 @@ def test_three_stage_pipeline_labels_pseudo_labels_both(tiny, tmp_path):
     assert res["pseudo"]["balanced_error"] == res["labels"]["balanced_error"]   # same model
     # the command-line tool on the same checkpoint: the same labels
     out = tmp_path / "cli.npz"
-    from trainer.banks.label_pool import label_run
+    from ltrainer.trainer.banks.label_pool import label_run
     report = label_run(by["labels"].run_dir, str(out), progress=False)
     cli = pseudo_labels.load(str(out))
     assert np.array_equal(cli.labels, pl.labels) and report == pseudo_labels.accuracy_report(cli)
@@ -390,7 +390,7 @@ def test_vat_perturbation_has_norm_eps_and_keeps_batchnorm_statistics():
 
 @pytest.mark.parametrize("name", ["mean_teacher", "vat"])
 def test_consistency_methods_train_through_the_engine(tiny, tmp_path, name):
-    from trainer.engine import train
+    from ltrainer.trainer.engine import train
     cfg = load_config(CE, tiny + SMALL_POOL + [f"method.name={name}", "engine.max_steps=3",
                                                f"run.name={name}", "semi.rampup_epochs=2",
                                                "engine.log_every=1"])

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torchvision
 
-from data_pipelines.sources import DataError
+from ltrainer.data_pipelines.sources import DataError
 from tests.conftest import ROOT, needs_fmnist
-from trainer.config import ConfigError, load_config
-from trainer.models import create_model
-from trainer.transfer import load_pretrained
+from ltrainer.trainer.config import ConfigError, load_config
+from ltrainer.trainer.models import create_model
+from ltrainer.trainer.transfer import load_pretrained
 
 CE = os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml")
 
@@ -57,7 +57,7 @@ def test_frozen_methods_require_init():
 def stage1(tmp_path_factory, small_test_list):
     """A short CE run whose weights the stage-2 methods start from (trained once)."""
     from tests.conftest import tiny_overrides
-    from trainer.engine import train
+    from ltrainer.trainer.engine import train
     out = tmp_path_factory.mktemp("stage1")
     cfg = load_config(CE, tiny_overrides(out, small_test_list) + [
         "run.name=stage1", "sched.epochs=2", "data.val_per_class=20"])
@@ -66,7 +66,7 @@ def stage1(tmp_path_factory, small_test_list):
 
 
 def run_stage2(tiny, stage1_dir, name, *over):
-    from trainer.engine import train
+    from ltrainer.trainer.engine import train
     cfg = load_config(CE, tiny + [f"run.name={name}", f"model.init={stage1_dir}",
                                   "data.val_per_class=20", "sched.warmup_epochs=0", *over])
     res = train(cfg)
@@ -133,7 +133,7 @@ def test_crt_reference_options(tiny, stage1):
     res, final = run_stage2(tiny, path, "crt_ref", "method.name=crt", "sched.epochs=1",
                             "classifier.sampler=class_aware_cyclic", "data.samples_per_class=4",
                             "data.class_aware_epoch=dataset", "classifier.backbone_bn=train")
-    from data_pipelines.longtail import lt_counts
+    from ltrainer.data_pipelines.longtail import lt_counts
     n = sum(lt_counts(10, 100, 10))                           # tiny: n_max 100, rho 10: 403
     assert res["global_step"] == n // 32                      # N / batch steps, as its loop
     moved = [k for k, v in backbone_of(init).items() if "running_" in k and not torch.equal(v, final[k])]

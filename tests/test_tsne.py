@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import needs_fmnist
-from trainer.banks import analysis as bank_analysis
-from trainer.banks import extract as bank_extract
-from trainer.banks import files as bank_files
-from trainer.banks import search as bank_search
+from ltrainer.trainer.banks import analysis as bank_analysis
+from ltrainer.trainer.banks import extract as bank_extract
+from ltrainer.trainer.banks import files as bank_files
+from ltrainer.trainer.banks import search as bank_search
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("faiss") is None or importlib.util.find_spec("openTSNE") is None,
@@ -81,10 +81,10 @@ def test_compare_two_run_folders(tmp_path, small_test_list, capsys):
 def test_inspect_pair_reports_knn_leakage_and_tsne(tmp_path, small_test_list):
     from tests.test_feature_bank import make_run
     from ltrainer.tools import inspect_pair
-    from trainer.banks import analysis as bank_analysis
-    from trainer.banks import extract as bank_extract
-    from trainer.banks import files as bank_files
-    from trainer.banks import search as bank_search
+    from ltrainer.trainer.banks import analysis as bank_analysis
+    from ltrainer.trainer.banks import extract as bank_extract
+    from ltrainer.trainer.banks import files as bank_files
+    from ltrainer.trainer.banks import search as bank_search
 
     a = make_run(tmp_path / "ce", small_test_list, seed=0, model="mlp")
     b = make_run(tmp_path / "ssp", small_test_list, seed=1, model="mlp")

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines.sources import DataError
+from ltrainer.data_pipelines.sources import DataError
 from tests.conftest import ROOT, needs_fmnist, run_cli
-from trainer.banks import files as bank_files
-from trainer.banks import runs as bank_runs
-from trainer import pseudo_labels
-from trainer.models import create_model
-from trainer.transfer import load_pretrained
+from ltrainer.trainer.banks import files as bank_files
+from ltrainer.trainer.banks import runs as bank_runs
+from ltrainer.trainer import pseudo_labels
+from ltrainer.trainer.models import create_model
+from ltrainer.trainer.transfer import load_pretrained
 
 CE = os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml")
 
@@ -116,10 +116,10 @@ def test_pseudo_labels_of_another_pool_size_are_a_user_error(tmp_path):
 def test_label_99_stops_self_training_at_construction(tiny, tmp_path):
     """The file an earlier pipeline stage wrote is read when the method is built, before the
     first step (not as an IndexError a few steps in)."""
-    from data_pipelines.build import build_data
-    from data_pipelines.unlabeled_pool import build_pool
-    from trainer.config import load_config
-    from trainer.methods import create_method
+    from ltrainer.data_pipelines.build import build_data
+    from ltrainer.data_pipelines.unlabeled_pool import build_pool
+    from ltrainer.trainer.config import load_config
+    from ltrainer.trainer.methods import create_method
 
     path = str(tmp_path / "pl.npz")
     cfg = load_config(CE, tiny + ["model.name=mlp", "semi.size=1", "semi.unlabeled_ratio=0.5",
@@ -171,7 +171,7 @@ def test_bank_with_nan_features_exits_2_through_the_cli(tmp_path):
 def test_finite_check_reads_a_memory_mapped_bank_in_blocks(tmp_path, monkeypatch, dtype, bad):
     """A bank is checked a block of rows at a time (here 4 rows of 8), never read whole: the
     error names the block in which the bad row was found."""
-    from trainer import validation
+    from ltrainer.trainer import validation
 
     path = bank(tmp_path / "b", n=60, dtype=dtype)
     feats = np.load(os.path.join(path, "features.npy"))
@@ -292,8 +292,8 @@ def test_a_file_that_is_not_weights_is_refused_in_one_line(tmp_path, write, expe
 
 @needs_fmnist
 def test_malformed_pool_summary_is_refused_naming_the_file(tmp_path):
-    from data_pipelines.unlabeled_pool import read_pool
-    from trainer.config import load_config
+    from ltrainer.data_pipelines.unlabeled_pool import read_pool
+    from ltrainer.trainer.config import load_config
 
     path = tmp_path / "pool.json"
     path.write_text(json.dumps({"format": "ltt-unlabeled-pool", "labeled": {"classes": None},

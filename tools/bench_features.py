@@ -23,7 +23,7 @@ import time
 import numpy as np  # noqa: E402
 
 from ltrainer.tools.tsne import embed  # noqa: E402
-from trainer.banks import search as bank_search  # noqa: E402
+from ltrainer.trainer.banks import search as bank_search  # noqa: E402
 
 FULL = {"knn": ["100000x512", "1000000x128"], "tsne": [10000, 50000], "queries": 1000}
 QUICK = {"knn": ["20000x512", "200000x128"], "tsne": [2000], "queries": 500}  # ~2 min

@@ -49,7 +49,7 @@ def make_jpeg_set(out_dir: str, n: int = 2000, size: int = 256, quality: int = 9
     """Write ``n`` JPEGs (Fashion-MNIST, upscaled, tinted per image) and their list file."""
     from PIL import Image
 
-    from data_pipelines.sources import read_fashion_mnist
+    from ltrainer.data_pipelines.sources import read_fashion_mnist
 
     src = read_fashion_mnist(train=split == "train")
     rng = np.random.default_rng(seed)
@@ -126,9 +126,9 @@ class LoaderRun:
     """One backend's training loader over the set, one epoch per round."""
 
     def __init__(self, backend, cfg, dataset, batch, threads):
-        from data_pipelines.loaders import augment_spec, make_train_loader
-        from data_pipelines.samplers import build_sampler
-        from data_pipelines.torchvision_loader import build_torchvision_loader
+        from ltrainer.data_pipelines.loaders import augment_spec, make_train_loader
+        from ltrainer.data_pipelines.samplers import build_sampler
+        from ltrainer.data_pipelines.torchvision_loader import build_torchvision_loader
 
         self.sampler = build_sampler("uniform", dataset.source.labels, batch_size=batch)
         if backend == "torchvision":   # `threads` workers, as the other backends get
@@ -156,9 +156,9 @@ _CHILD = r"""
 import os, sys, time
 tree, list_path, root, augment, size, batch, threads = sys.argv[1:8]   # PYTHONPATH=tree
 from tools.bench_loaders import LoaderRun
-from data_pipelines.augment import DEFAULT_STATS, build_transform
-from data_pipelines.datasets import AugmentedDataset
-from data_pipelines.sources import read_list_file
+from ltrainer.data_pipelines.augment import DEFAULT_STATS, build_transform
+from ltrainer.data_pipelines.datasets import AugmentedDataset
+from ltrainer.data_pipelines.sources import read_list_file
 src = read_list_file(list_path, root or None)
 mean, std = DEFAULT_STATS["imagenet"]
 ds = AugmentedDataset(src, build_transform(augment, True, int(size), mean, std, 3))
@@ -229,10 +229,10 @@ def parse_beton(text: str) -> dict:
 
 def bench_set(name, list_path, root, args, threads, work) -> dict:
     """Time every backend on one set; print and return its table."""
-    from data_pipelines.augment import DEFAULT_STATS, build_transform
-    from data_pipelines.datasets import AugmentedDataset
-    from data_pipelines.loaders import backend_status
-    from data_pipelines.sources import read_list_file
+    from ltrainer.data_pipelines.augment import DEFAULT_STATS, build_transform
+    from ltrainer.data_pipelines.datasets import AugmentedDataset
+    from ltrainer.data_pipelines.loaders import backend_status
+    from ltrainer.data_pipelines.sources import read_list_file
 
     src = read_list_file(list_path, root)
     mean, std = DEFAULT_STATS["imagenet"]
@@ -264,7 +264,7 @@ def bench_set(name, list_path, root, args, threads, work) -> dict:
             continue
         variants = [(backend, cfg)]
         if backend == "ffcv":   # one row per .beton setting, each in its own folder
-            from data_pipelines.ffcv_loader import ensure_beton
+            from ltrainer.data_pipelines.ffcv_loader import ensure_beton
 
             variants = []
             for text in args.beton.split(";"):

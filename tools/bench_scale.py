@@ -95,7 +95,7 @@ def run_command(cmd: list[str], until: str | None = None, env=None, timeout: flo
 # Each returns a dict: seconds, peak_mb, and what it measured ("what").
 
 def m_parse(name, folder, args):
-    from data_pipelines.sources import open_source
+    from ltrainer.data_pipelines.sources import open_source
     _, train, _, _, classes = SETS[name]
     base = peak_mb()
     t0 = time.perf_counter()
@@ -113,9 +113,9 @@ def m_dryrun(name, folder, args):
 
 
 def m_data(name, folder, args):
-    from data_pipelines.build import build_data
-    from data_pipelines.samplers import build_sampler
-    from trainer.pipeline import load_plan
+    from ltrainer.data_pipelines.build import build_data
+    from ltrainer.data_pipelines.samplers import build_sampler
+    from ltrainer.trainer.pipeline import load_plan
     plan = load_plan(os.path.join(ROOT, SETS[name][0]), [*data_overrides(name, folder), *TINY])
     crt = next(s for s in plan if s.cfg.method.name == "crt")
     t0 = time.perf_counter()
@@ -203,9 +203,9 @@ def knn_rank(args) -> dict:
     import torch
     import torch.distributed as dist
 
-    from trainer.engine import Trainer
-    from trainer.extraction import bounded_heap
-    from trainer.methods.ssl_base import SelfSupervised
+    from ltrainer.trainer.engine import Trainer
+    from ltrainer.trainer.extraction import bounded_heap
+    from ltrainer.trainer.methods.ssl_base import SelfSupervised
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}",

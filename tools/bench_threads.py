@@ -19,7 +19,7 @@ import time
 def images_per_second(model_name: str, batch: int, steps: int, threads: int) -> float:
     import torch
 
-    from trainer.models import create_model
+    from ltrainer.trainer.models import create_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from trainer.config import load_config  # noqa: E402
-from trainer.engine import Trainer  # noqa: E402
+from ltrainer.trainer.config import load_config  # noqa: E402
+from ltrainer.trainer.engine import Trainer  # noqa: E402
 
 
 CLOCK = [time.perf_counter]   # --clock

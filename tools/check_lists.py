@@ -21,8 +21,8 @@ import sys
 import time
 
 
-from data_pipelines.list_check import check_data_section  # noqa: E402
-from trainer.config import ConfigError  # noqa: E402
+from ltrainer.data_pipelines.list_check import check_data_section  # noqa: E402
+from ltrainer.trainer.config import ConfigError  # noqa: E402
 
 KEYS = ("source", "root", "train_list", "val_list", "test_list", "num_classes", "classes",
         "check_files")
@@ -60,7 +60,7 @@ def data_sections(args) -> list[tuple]:
                 "num_classes": args.num_classes,
                 **{f"{s}_list": flags.get(s) for s in ("train", "val", "test")}}
         return [(data, args.many, args.few)]
-    from trainer.pipeline import load_plan
+    from ltrainer.trainer.pipeline import load_plan
 
     overrides = list(args.overrides) + [f"{FLAG_KEYS[k]}={v}" for k, v in flags.items()]
     if args.classes:

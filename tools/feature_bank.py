@@ -22,15 +22,15 @@ import os
 import sys
 
 
-from data_pipelines.sources import DataError  # noqa: E402
-from trainer.banks import analysis as bank_analysis  # noqa: E402
-from trainer.banks import extract as bank_extract  # noqa: E402
-from trainer.banks import files as bank_files  # noqa: E402
-from trainer.banks import plots as bank_plots  # noqa: E402
-from trainer.banks import runs as bank_runs  # noqa: E402
-from trainer.banks import search as bank_search  # noqa: E402
-from trainer import knn  # noqa: E402
-from trainer.config import ConfigError  # noqa: E402
+from ltrainer.data_pipelines.sources import DataError  # noqa: E402
+from ltrainer.trainer.banks import analysis as bank_analysis  # noqa: E402
+from ltrainer.trainer.banks import extract as bank_extract  # noqa: E402
+from ltrainer.trainer.banks import files as bank_files  # noqa: E402
+from ltrainer.trainer.banks import plots as bank_plots  # noqa: E402
+from ltrainer.trainer.banks import runs as bank_runs  # noqa: E402
+from ltrainer.trainer.banks import search as bank_search  # noqa: E402
+from ltrainer.trainer import knn  # noqa: E402
+from ltrainer.trainer.config import ConfigError  # noqa: E402
 
 
 def table(rows: list[list], headers: list[str]) -> str:
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        from trainer import distributed as dist_utils
+        from ltrainer.trainer import distributed as dist_utils
         dist_utils.cleanup()
     return 0
 

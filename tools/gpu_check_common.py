@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from trainer.engine import Trainer  # noqa: E402
+from ltrainer.trainer.engine import Trainer  # noqa: E402
 
 
 class Skip(Exception):

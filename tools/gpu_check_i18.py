@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.config import load_config
-from trainer.engine import Trainer
+from ltrainer.trainer.config import load_config
+from ltrainer.trainer.engine import Trainer
 
 from .gpu_check_common import (Ctx, Skip, _Sampler, check, feed_synthetic, jpeg_list,
                                list_overrides, release, small_list, speed_check)
@@ -51,9 +51,9 @@ def part_deterministic_cuda(ctx: Ctx) -> dict:
 def part_float32_under_bf16(ctx: Ctx) -> dict:
     """MoCo's logits, the kNN monitor's scores and CosineHead's cosines under bf16 autocast
     are float32 and equal (to float32 rounding) to the same calls without autocast."""
-    from trainer.methods.moco import info_nce_logits
-    from trainer.knn import scores as knn_scores
-    from trainer.models.heads import CosineHead
+    from ltrainer.trainer.methods.moco import info_nce_logits
+    from ltrainer.trainer.knn import scores as knn_scores
+    from ltrainer.trainer.models.heads import CosineHead
 
     full = not ctx.smoke
     dev, g = ctx.device, torch.Generator().manual_seed(0)
@@ -153,7 +153,7 @@ def part_dali_slow_read(ctx: Ctx) -> dict:
     """Each file read made slow (a sleep per file): if DALI's reads overlap (a parallel
     external source), a batch takes well under batch x the delay; read one by one on the
     training thread, it takes at least that."""
-    from data_pipelines.loaders import backend_status
+    from ltrainer.data_pipelines.loaders import backend_status
 
     ok, why = backend_status("dali")
     if not ok:
@@ -275,7 +275,7 @@ def part_moco_exchange(ctx: Ctx) -> dict:
     on CPU, bf16 autocast): sharing the shuffle and swapping only each rank's images needs
     at most one local batch in the training dtype; gathering every image in float32 takes
     (W - 1) x 2 times that."""
-    from trainer.distributed import free_port
+    from ltrainer.trainer.distributed import free_port
 
     world, out = 2, os.path.join(ctx.work, "exchange.json")
     # fork is quick, but not from a process that has started CUDA (it has on a GPU machine)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.config import load_config
-from trainer.engine import Trainer
+from ltrainer.trainer.config import load_config
+from ltrainer.trainer.engine import Trainer
 
 from .gpu_check_common import (ROOT, Ctx, Skip, bare_loop, check, engine_rate, feed_synthetic,
                                jpeg_list, list_overrides, peak_gib, release, reset_peak,
@@ -59,7 +59,7 @@ def _package_version(name: str, dist_name: str | None, import_it: bool) -> str:
 
     if import_it:
         if name in ("dali", "ffcv"):
-            from data_pipelines.loaders import backend_status
+            from ltrainer.data_pipelines.loaders import backend_status
             ok, why = backend_status(name)
         else:
             try:
@@ -155,7 +155,7 @@ def part_rn50_compile(ctx: Ctx) -> dict:
 
 
 def _end_to_end(ctx: Ctx, backend: str) -> dict:
-    from data_pipelines.loaders import backend_status
+    from ltrainer.data_pipelines.loaders import backend_status
 
     if backend != "torchvision":
         ok, why = backend_status(backend)
@@ -262,7 +262,7 @@ def _last_train_record(run_dir: str) -> dict:
 
 def part_crt_step(ctx: Ctx) -> dict:
     """cRT steps on a frozen ResNet-50: the backbone must not move, the classifier must."""
-    from trainer.models import create_model
+    from ltrainer.trainer.models import create_model
 
     s = ctx.sizes
     init = os.path.join(ctx.work, "init.pt")
@@ -288,7 +288,7 @@ def part_crt_step(ctx: Ctx) -> dict:
 def part_ldam_autocast(ctx: Ctx) -> dict:
     """LDAM under bf16 and fp16 autocast: the loss and its gradient are float32 and equal to
     the loss outside autocast on the same float32 logits."""
-    from trainer.losses import create_loss
+    from ltrainer.trainer.losses import create_loss
 
     counts = [500, 200, 80, 30, 10]
     loss_fn = create_loss("ldam", counts).to(ctx.device)
@@ -316,7 +316,7 @@ def part_ldam_autocast(ctx: Ctx) -> dict:
 def part_faiss_knn(ctx: Ctx) -> dict:
     """faiss-gpu exact kNN on a 437,513 x 2,048 bank against faiss-cpu on a subset of queries:
     the same neighbours (a swap only between near-ties). Smoke: faiss-cpu against torch."""
-    from trainer.banks import search as bank_search
+    from ltrainer.trainer.banks import search as bank_search
 
     try:
         import faiss
@@ -401,7 +401,7 @@ def part_checkpoint_resume(ctx: Ctx) -> dict:
 def part_fmnist_gpu_cpu(ctx: Ctx) -> dict:
     """configs/fmnist_lt_ce.yaml for a few epochs on the GPU and on the CPU: the first step's
     loss within 1e-3 (relative) and the balanced error within 5 points. Smoke: CPU twice."""
-    from data_pipelines.sources import FASHION_MNIST_ROOT
+    from ltrainer.data_pipelines.sources import FASHION_MNIST_ROOT
 
     root = ctx.fmnist_root or FASHION_MNIST_ROOT
     if not os.path.exists(os.path.join(root, "train-labels-idx1-ubyte.gz")):
@@ -412,7 +412,7 @@ def part_fmnist_gpu_cpu(ctx: Ctx) -> dict:
             f"sched.milestones=[{e}]", "sched.warmup_epochs=0", "eval.every_epochs=0",
             "engine.log_every=1", "engine.progress=none"]
     if ctx.smoke:
-        from data_pipelines.sources import read_fashion_mnist
+        from ltrainer.data_pipelines.sources import read_fashion_mnist
 
         labels = read_fashion_mnist(root, train=False).labels
         test = os.path.join(ctx.work, "test200.txt")
@@ -425,7 +425,7 @@ def part_fmnist_gpu_cpu(ctx: Ctx) -> dict:
         cfg = load_config(os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml"),
                           over + [f"engine.device={dev.rstrip('2')}", f"run.name={dev}"])
         t0 = time.perf_counter()
-        from trainer.engine import train
+        from ltrainer.trainer.engine import train
         r = train(cfg)
         with open(os.path.join(ctx.work, dev, "metrics.jsonl")) as f:
             first = next(json.loads(line) for line in f if '"train"' in line)
@@ -444,9 +444,9 @@ def part_staged_input(ctx: Ctx) -> dict:
     a side stream, colour/blur/flip/normalisation on the device. The same pixels as the CPU
     stage (same seeds), no host synchronisation while iterating (set_sync_debug_mode), and the
     stage's img/s at full size. Smoke: the CPU path against itself at 32 px."""
-    from data_pipelines.augment import AugmentSpec
-    from data_pipelines.batch_aug import BatchAugment
-    from data_pipelines.gpu_input import StagedLoader
+    from ltrainer.data_pipelines.augment import AugmentSpec
+    from ltrainer.data_pipelines.batch_aug import BatchAugment
+    from ltrainer.data_pipelines.gpu_input import StagedLoader
 
     size, n, bs = (32, 64, 16) if ctx.smoke else (224, 512, 128)
     spec = AugmentSpec("moco", True, size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 3)

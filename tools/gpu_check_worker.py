@@ -18,7 +18,7 @@ import time
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from trainer import distributed as du  # noqa: E402
+from ltrainer.trainer import distributed as du  # noqa: E402
 
 
 def _sync(dev):

@@ -16,9 +16,9 @@ import sys
 
 
 from ltrainer.tools import tsne  # noqa: E402
-from trainer.banks import analysis as bank_analysis  # noqa: E402
-from trainer.banks import extract as bank_extract  # noqa: E402
-from trainer.banks import search as bank_search  # noqa: E402
+from ltrainer.trainer.banks import analysis as bank_analysis  # noqa: E402
+from ltrainer.trainer.banks import extract as bank_extract  # noqa: E402
+from ltrainer.trainer.banks import search as bank_search  # noqa: E402
 
 
 def measure(run: str, k_knn: int, k_leak: int) -> tuple[dict, dict]:

@@ -20,9 +20,9 @@ import os
 import sys
 
 
-from data_pipelines.longtail import (PROFILES, SVHN_CLASS_ORDER,  # noqa: E402
+from ltrainer.data_pipelines.longtail import (PROFILES, SVHN_CLASS_ORDER,  # noqa: E402
                                      class_counts, lt_counts, lt_indices, n_max_for)
-from data_pipelines.sources import (SOURCE_KINDS, DataError,  # noqa: E402
+from ltrainer.data_pipelines.sources import (SOURCE_KINDS, DataError,  # noqa: E402
                                     FileSource, open_source)
 
 

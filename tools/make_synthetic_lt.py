@@ -43,7 +43,7 @@ import zlib
 import numpy as np
 
 
-from data_pipelines.list_format import parse_bytes  # noqa: E402
+from ltrainer.data_pipelines.list_format import parse_bytes  # noqa: E402
 
 PER_CLASS = {"imagenet_lt": {"val": 20, "test": 50}, "inat2018": {"val": 3}}
 NAMES = {"imagenet": "ImageNet_LT_{}.txt", "inat": "iNaturalist18_{}.txt"}

@@ -22,11 +22,11 @@ import os
 import sys
 
 
-from data_pipelines.sources import DataError  # noqa: E402
-from data_pipelines.unlabeled_pool import POOL_JSON, build_pool, pool_files  # noqa: E402
-from trainer.checkpoint import atomic_write  # noqa: E402
-from trainer.config import ConfigError  # noqa: E402
-from trainer.pipeline import load_plan  # noqa: E402
+from ltrainer.data_pipelines.sources import DataError  # noqa: E402
+from ltrainer.data_pipelines.unlabeled_pool import POOL_JSON, build_pool, pool_files  # noqa: E402
+from ltrainer.trainer.checkpoint import atomic_write  # noqa: E402
+from ltrainer.trainer.config import ConfigError  # noqa: E402
+from ltrainer.trainer.pipeline import load_plan  # noqa: E402
 
 SHORTHANDS = ("size", "rho_u", "relevance", "seed")  # flags that set semi.<same name>
 

@@ -19,8 +19,8 @@ import os
 import sys
 
 
-from data_pipelines.list_check import OFFICIAL  # noqa: E402
-from data_pipelines.list_format import git_blob_sha1  # noqa: E402
+from ltrainer.data_pipelines.list_check import OFFICIAL  # noqa: E402
+from ltrainer.data_pipelines.list_format import git_blob_sha1  # noqa: E402
 from ltrainer.tools.make_synthetic_lt import UserError, read_json  # noqa: E402
 
 OUTPUTS = {"train": "iNaturalist18_train.txt", "val": "iNaturalist18_val.txt"}

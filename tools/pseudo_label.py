@@ -19,12 +19,12 @@ import os
 import sys
 
 
-from data_pipelines.sources import DataError  # noqa: E402
-from trainer import distributed as dist_utils  # noqa: E402
-from trainer import pseudo_labels  # noqa: E402
-from trainer.config import ConfigError  # noqa: E402
-from trainer.banks.files import BankError  # noqa: E402
-from trainer.banks.label_pool import label_run  # noqa: E402
+from ltrainer.data_pipelines.sources import DataError  # noqa: E402
+from ltrainer.trainer import distributed as dist_utils  # noqa: E402
+from ltrainer.trainer import pseudo_labels  # noqa: E402
+from ltrainer.trainer.config import ConfigError  # noqa: E402
+from ltrainer.trainer.banks.files import BankError  # noqa: E402
+from ltrainer.trainer.banks.label_pool import label_run  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from ltrainer.tools import collect_results  # noqa: E402
 from ltrainer.tools.run_table import exit_code, launch_all  # noqa: E402
-from trainer.pipeline import load_plan  # noqa: E402
+from ltrainer.trainer.pipeline import load_plan  # noqa: E402
 
 METHODS = {"CE": [], "LDAM-DRW": ["loss.name=ldam", "model.head=cosine", "train_rule.name=drw"]}
 TRAINING_STAGES = ("labels", "both")

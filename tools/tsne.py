@@ -21,13 +21,13 @@ import time
 
 import numpy as np  # noqa: E402
 
-from data_pipelines.sources import DataError  # noqa: E402
-from trainer.banks import analysis as bank_analysis  # noqa: E402
-from trainer.banks import extract as bank_extract  # noqa: E402
-from trainer.banks import files as bank_files  # noqa: E402
-from trainer.banks import plots as bank_plots  # noqa: E402
-from trainer.banks import search as bank_search  # noqa: E402
-from trainer.config import ConfigError  # noqa: E402
+from ltrainer.data_pipelines.sources import DataError  # noqa: E402
+from ltrainer.trainer.banks import analysis as bank_analysis  # noqa: E402
+from ltrainer.trainer.banks import extract as bank_extract  # noqa: E402
+from ltrainer.trainer.banks import files as bank_files  # noqa: E402
+from ltrainer.trainer.banks import plots as bank_plots  # noqa: E402
+from ltrainer.trainer.banks import search as bank_search  # noqa: E402
+from ltrainer.trainer.config import ConfigError  # noqa: E402
 
 
 def subsample(labels: np.ndarray, max_n: int, seed: int = 0, min_per_class: int = 50):

@@ -32,7 +32,7 @@ import os
 import sys
 
 
-from data_pipelines.sources import DataError  # noqa: E402
+from ltrainer.data_pipelines.sources import DataError  # noqa: E402
 
 
 def _parse(argv):
@@ -70,16 +70,16 @@ def _parse(argv):
 
 def _datasets(args):
     """[(label for messages, source, beton_dir)] for what the arguments name."""
-    from data_pipelines.loaders import DEFAULT_BETON_DIR
-    from data_pipelines.sources import open_source, read_list_file
+    from ltrainer.data_pipelines.loaders import DEFAULT_BETON_DIR
+    from ltrainer.data_pipelines.sources import open_source, read_list_file
 
     if args.list:
         return [(args.list, read_list_file(args.list, args.root), args.beton_dir)]
     if args.source:
         return [(f"{args.source} {args.split}", open_source(args.source, args.root, args.split),
                  args.beton_dir)]
-    from data_pipelines.build import build_data
-    from trainer.pipeline import load_plan
+    from ltrainer.data_pipelines.build import build_data
+    from ltrainer.trainer.pipeline import load_plan
 
     plan = load_plan(args.config, args.overrides)   # a plain config is a one-stage plan
     out, seen = [], set()
@@ -104,12 +104,12 @@ PER_STAGE = ("batch_size", "eval_batch_size", "workers", "augment", "dali_thread
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    from data_pipelines.loaders import DEFAULT_BETON_DIR, require_backend
-    from trainer.config import ConfigError
+    from ltrainer.data_pipelines.loaders import DEFAULT_BETON_DIR, require_backend
+    from ltrainer.trainer.config import ConfigError
 
     try:
         require_backend("ffcv")
-        from data_pipelines.ffcv_loader import beton_path_for, write_beton
+        from ltrainer.data_pipelines.ffcv_loader import beton_path_for, write_beton
 
         written = set()
         for name, source, directory in _datasets(args):

@@ -17,8 +17,7 @@ import contextlib
 
 import torch
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from .methods.registry import METHODS
 
 

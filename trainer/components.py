@@ -3,8 +3,8 @@ schema (trainer/config.py) is composed from this list. A new loss or method file
 itself in its registry and needs no line here; a new kind of component adds its registry."""
 from __future__ import annotations
 
-from configspec import compose
-from data_pipelines import augment, build, loaders, longtail, samplers, sources, unlabeled_pool
+from ltrainer.configspec import compose
+from ltrainer.data_pipelines import augment, build, loaders, longtail, samplers, sources, unlabeled_pool
 
 from . import accumulate, engine_config, optim, protocol, resume_rules, schedules, serving
 from .losses import LOSSES

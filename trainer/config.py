@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from configspec import F, ConfigError, Field, close_match  # noqa: F401  (re-exported)
+from ltrainer.configspec import F, ConfigError, Field, close_match  # noqa: F401  (re-exported)
 
 REQUIRED = "???"  # a value that a config must set (e.g. the data root of ImageNet-LT)
 # `${NAME}` or `${NAME:-default}` in a string value: the environment variable NAME, so shipped

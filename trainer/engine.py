@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data_pipelines.build import build_data
-from data_pipelines.cpus import cpus_per_process
+from ltrainer.data_pipelines.build import build_data
+from ltrainer.data_pipelines.cpus import cpus_per_process
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils

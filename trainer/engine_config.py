@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 
-from configspec import F, Part
-from data_pipelines.build import split_problem
+from ltrainer.configspec import F, Part
+from ltrainer.data_pipelines.build import split_problem
 
 
 def _check_run_name(cfg, fail):

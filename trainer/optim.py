@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from configspec import F, Registry
+from ltrainer.configspec import F, Registry
 
 
 def _sgd(cfg_optim, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:

@@ -8,8 +8,8 @@ both -- and then every place that reports the choice says so.
 """
 from __future__ import annotations
 
-from configspec import F, Part
-from data_pipelines.build import SOURCES, split_problem
+from ltrainer.configspec import F, Part
+from ltrainer.data_pipelines.build import SOURCES, split_problem
 
 from .results import accuracy_report
 

@@ -21,7 +21,7 @@ import numpy as np
 
 import torch
 
-from data_pipelines.sources import DataError
+from ltrainer.data_pipelines.sources import DataError
 
 from .checkpoint import atomic_write
 from .extraction import assemble_rows

@@ -3,7 +3,7 @@ from trainer/run_folder.py, which reads the composed schema (every part's keys),
 trainer/components.py can list this part without an import cycle."""
 from __future__ import annotations
 
-from configspec import F, Part
+from ltrainer.configspec import F, Part
 
 # Keys a user may change on resume by naming them in run.allow_change, and what that means.
 RESUMABLE = {

@@ -85,8 +85,8 @@ def unused_keys(cfg: dict) -> set[str]:
     declared only by registry members it did not choose (another loss's margin, MoCo's queue
     in a supervised run), and the unlabeled pool's keys when its method reads no pool (so
     pipelines may share a labels-only stage between cells that differ in the pool)."""
-    from configspec import Registry
-    from data_pipelines.unlabeled_pool import CONFIG as POOL
+    from ltrainer.configspec import Registry
+    from ltrainer.data_pipelines.unlabeled_pool import CONFIG as POOL
 
     from .components import PARTS
     from .methods import METHODS

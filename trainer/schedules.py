@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from configspec import F, Registry
+from ltrainer.configspec import F, Registry
 
 
 def lr_factor(sched, base_lr: float, epoch: int, step: int, steps_per_epoch: int) -> float:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from configspec import Part
-from data_pipelines.datasets import AugmentedDataset
-from data_pipelines.samplers import mix_seeds
-from data_pipelines.sources import SubsetSource
-from data_pipelines.unlabeled_pool import build_pool, check_pool
+from ltrainer.configspec import Part
+from ltrainer.data_pipelines.datasets import AugmentedDataset
+from ltrainer.data_pipelines.samplers import mix_seeds
+from ltrainer.data_pipelines.sources import SubsetSource
+from ltrainer.data_pipelines.unlabeled_pool import build_pool, check_pool
 
 from .distributed import batch_to_device
 from .extraction import cache_split

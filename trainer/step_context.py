@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from data_pipelines.samplers import mix_seeds
+from ltrainer.data_pipelines.samplers import mix_seeds
 
 from .distributed import DistInfo
 

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from data_pipelines.sources import DataError
+from ltrainer.data_pipelines.sources import DataError
 
 from .checkpoint import LAST, safe_load
 from .validation import describe, finite_tensors, first_sentence

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipelines.sources import DataError
+from ltrainer.data_pipelines.sources import DataError
 
 CHUNK_BYTES = 64 << 20  # finite checks read memory-mapped arrays this much at a time
 

@@ -10,8 +10,8 @@ import shutil
 import numpy as np
 import torch
 
-from data_pipelines.sources import SubsetSource
-from data_pipelines.unlabeled_pool import build_pool
+from ltrainer.data_pipelines.sources import SubsetSource
+from ltrainer.data_pipelines.unlabeled_pool import build_pool
 
 from .. import distributed as dist_utils
 from .. import pseudo_labels

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data_pipelines.build import build_data
-from data_pipelines.sources import SubsetSource, open_source
+from ltrainer.data_pipelines.build import build_data
+from ltrainer.data_pipelines.sources import SubsetSource, open_source
 
 from ..config import load_config
 from ..extraction import read_json

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from .registry import LOSSES
 
 REDUCTIONS = ("mean", "sum", "none")

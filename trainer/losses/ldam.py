@@ -7,8 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from .registry import LOSSES
 from .ce import ClassWeightedLoss, no_autocast
 

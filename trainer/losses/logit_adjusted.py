@@ -13,8 +13,7 @@ from typing import Sequence
 
 import torch
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from .registry import LOSSES
 from .balanced_softmax import BalancedSoftmaxLoss
 

@@ -3,6 +3,6 @@ trainer/losses/__init__.py imports every loss file, so the package and its membe
 import each other (tests/test_import_cycles.py)."""
 from __future__ import annotations
 
-from configspec import Registry
+from ltrainer.configspec import Registry
 
 LOSSES = Registry("loss.name", default="ce", help="training loss")

@@ -29,7 +29,7 @@ def check_every_class(cfg, class_counts):
     reason = METHODS[cfg.method.name].needs_every_class(cfg) if empty else None
     if not reason:
         return
-    from data_pipelines.sources import DataError
+    from ltrainer.data_pipelines.sources import DataError
     ids = [cfg.data.classes[i] for i in empty] if cfg.data.classes else empty
     shown = ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
     can = sorted(n for n, m in METHODS.items() if n != cfg.method.name

@@ -19,8 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from ..step_context import StepContext  # noqa: F401  (the type every hook receives)
 from ..transfer import load_pretrained
 

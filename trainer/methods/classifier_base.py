@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from .. import distributed as dist_utils
 from ..losses import loss_from_config
 from ..models import create_model

@@ -11,8 +11,7 @@ import copy
 
 import torch
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from .. import distributed as dist_utils
 from ..metrics import balanced_accuracy
 from ..protocol import selection_note

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from ..ema import ema_update, frozen_copy, warmup_decay
 from .registry import register
 from .semi_base import SemiSupervised

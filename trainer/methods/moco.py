@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from .. import distributed as dist_utils
 from ..ema import ema_update, frozen_copy
 from ..models import Classifier, ProjectionHead, convert_split_bn, create_backbone, matmul_fp32

@@ -11,8 +11,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from .. import distributed as dist_utils
 from ..models import LinearHead
 from .registry import register

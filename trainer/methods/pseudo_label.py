@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from .. import distributed as dist_utils
 from .. import pseudo_labels
 from ..extraction import embed_to_files
@@ -51,7 +50,7 @@ class PseudoLabel(SupervisedBase):
         super().__init__(cfg, data, device, pool)
         if pool is None:
             raise ValueError("method 'pseudo_label' labels the unlabeled pool: build it with "
-                             "trainer.serving.build_method, which serves the pool")
+                             "ltrainer.trainer.serving.build_method, which serves the pool")
         self.report = None
 
     def training_step(self, model, batch, ctx):

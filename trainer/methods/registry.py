@@ -3,7 +3,7 @@ trainer/methods/__init__.py imports every method file, so the package and its me
 import each other (tests/test_import_cycles.py)."""
 from __future__ import annotations
 
-from configspec import Registry
+from ltrainer.configspec import Registry
 
 METHODS = Registry("method.name", default="supervised", help="training method")
 

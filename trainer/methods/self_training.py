@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from .registry import register
 from .semi_base import SemiSupervised
 

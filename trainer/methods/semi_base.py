@@ -17,8 +17,7 @@ import math
 import numpy as np
 import torch
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from .. import pseudo_labels
 from .base import DataNeeds
 from .supervised_base import SupervisedBase
@@ -70,7 +69,7 @@ class SemiSupervised(SupervisedBase):
         """The pseudo-labels, before the loss is built: its counts may include them."""
         if self.pool is None:
             raise ValueError(f"method '{self.name}' trains on the unlabeled pool: build it "
-                             f"with trainer.serving.build_method, which serves the pool")
+                             f"with ltrainer.trainer.serving.build_method, which serves the pool")
         self.pseudo = None
         if self.uses_pseudo_labels:
             path = self.cfg.semi.pseudo_labels

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from .. import distributed as dist_utils
 from .. import knn
 from ..extraction import BlockRows

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from ..ema import ema_update, frozen_copy, warmup_decay
 from .registry import register
 from .supervised_base import SupervisedBase

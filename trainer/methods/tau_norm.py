@@ -8,8 +8,7 @@ import copy
 
 import torch
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from ..extraction import HitCounts
 from ..metrics import balanced_accuracy
 from ..models import LinearHead

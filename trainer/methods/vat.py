@@ -13,8 +13,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from ..losses import no_autocast
 from .registry import register
 from .semi_base import SemiSupervised

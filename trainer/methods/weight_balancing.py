@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from ..losses import class_balanced_weights
 from ..models import LinearHead
 from .classifier_base import FrozenBackbone

@@ -12,8 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-import configspec as spec
-
+import ltrainer.configspec as spec
 from .heads import (HEAD_INITS, Classifier, CosineHead, LinearHead, ProjectionHead,
                     export_torchvision_state_dict, matmul_fp32)
 from .split_bn import SplitBatchNorm2d, convert_split_bn
