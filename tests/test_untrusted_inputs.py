@@ -119,7 +119,7 @@ def test_label_99_stops_self_training_at_construction(tiny, tmp_path):
     from ltrainer.data_pipelines.build import build_data
     from ltrainer.data_pipelines.unlabeled_pool import build_pool
     from ltrainer.trainer.config import load_config
-    from ltrainer.trainer.methods import create_method
+    from ltrainer.trainer.serving import build_method
 
     path = str(tmp_path / "pl.npz")
     cfg = load_config(CE, tiny + ["model.name=mlp", "semi.size=1", "semi.unlabeled_ratio=0.5",
@@ -130,7 +130,7 @@ def test_label_99_stops_self_training_at_construction(tiny, tmp_path):
     pl.labels[-1] = 99
     pseudo_labels.save(path, pl)
     with pytest.raises(DataError, match=rf"row {len(pool) - 1} holds 99") as e:
-        create_method(cfg, build_data(cfg.data, eval_splits=()), torch.device("cpu"))
+        build_method(cfg, build_data(cfg.data, eval_splits=()), torch.device("cpu"))
     one_line(e, path)
 
 
