@@ -114,8 +114,13 @@ def test_killed_extraction_resumes_to_same_bank(tiny_run, tmp_path, monkeypatch)
         bank_extract.extract_run_ddp(2, run_dir=tiny_run, out=out, chunk_size=64, progress=False)
     monkeypatch.delenv("LTT_TEST_KILL")
     files = set(os.listdir(os.path.join(out, bank_files.PARTIAL)))
-    assert {"chunk_000000.npz", "chunk_000002.npz", bank_extract.MANIFEST} <= files
-    assert "chunk_000004.npz" not in files and len(files) <= 5
+    # The rank that killed itself first wrote its two chunks; the spawner then stops the other
+    # one wherever it was (under load, before its first chunk), so only that rank's pair is
+    # certain. Neither rank can get past its second chunk.
+    assert bank_extract.MANIFEST in files and len(files) <= 5
+    assert {"chunk_000000.npz", "chunk_000002.npz"} <= files or \
+        {"chunk_000001.npz", "chunk_000003.npz"} <= files, files
+    assert not {"chunk_000004.npz", "chunk_000005.npz"} & files, files
     with pytest.raises(bank_files.BankError, match="missing header.*unfinished extraction"):
         bank_files.load_bank(out)
     with pytest.raises(bank_files.BankError, match="partial bank of another extraction.*layer"):
