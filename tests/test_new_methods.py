@@ -59,14 +59,18 @@ class _Identity(nn.Module):
 
 
 class _FakeTrainer:
-    """What prepare_eval uses: embed(split, fn) over a fixed split, and a log."""
+    """What prepare_eval uses of its StepContext: embed(split, fn) over a fixed split (one
+    batch; an on_batch sink gets it, as Trainer.embed does), a device and a log."""
 
     def __init__(self, splits):
         self.splits, self.log, self.asked = splits, logging.getLogger("test"), []
+        self.device = torch.device("cpu")
 
-    def embed(self, split, fn, gather=True):
+    def embed(self, split, fn, gather=True, on_batch=None):
         self.asked.append(split)
         x, y = self.splits[split]
+        if on_batch is not None:
+            on_batch(fn(x), y)
         return fn(x), y
 
 

@@ -12,7 +12,7 @@ import copy
 import torch
 
 import ltrainer.configspec as spec
-from .. import distributed as dist_utils
+from ..extraction import HitCounts
 from ..metrics import balanced_accuracy
 from ..protocol import selection_note
 from .registry import register
@@ -23,17 +23,6 @@ def log_prior(class_counts) -> torch.Tensor:
     """log(n_y / n) in float32; every class needs a training image."""
     counts = torch.tensor([float(n) for n in class_counts], dtype=torch.float64)
     return (counts / counts.sum()).log().float()
-
-
-def grid_balanced_accuracy(preds: torch.Tensor, labels: torch.Tensor, num_classes: int):
-    """preds (N, G): a prediction per grid point; the balanced accuracy of each, summed over
-    the ranks' shards (2 x G x C numbers whatever the split's size)."""
-    y = labels.long()
-    hits = torch.stack([torch.bincount(y[preds[:, i].long() == y], minlength=num_classes)
-                        for i in range(preds.shape[1])])
-    counts = dist_utils.all_reduce_sum(torch.cat([hits, torch.bincount(y, minlength=num_classes)[None]]))
-    counts = counts.cpu().numpy()
-    return [balanced_accuracy(counts[i], counts[-1]) for i in range(preds.shape[1])]
 
 
 @register
@@ -74,16 +63,21 @@ class LogitAdjust(FrozenBackbone):
         if self.tau is not None:
             return
         split, grid = self.cfg.logit_adjust.split, self.cfg.logit_adjust.grid
-        preds, labels = ctx.embed(split, lambda x: torch.stack(
-            [self.adjusted(self.model(x), tau).argmax(1) for tau in grid], 1), gather=False)
-        accs = grid_balanced_accuracy(preds, labels, self.data.num_classes)
+        # Each tau's per-class hits and totals, batch by batch, summed over the ranks (the
+        # extraction service's sink, as tau-norm): no prediction kept, whatever the split.
+        hits = HitCounts(self.data.num_classes, len(grid), ctx.device)
+        ctx.embed(split, lambda x: torch.stack(
+            [self.adjusted(self.model(x), tau).argmax(1) for tau in grid], 1),
+            gather=False, on_batch=hits)
+        counts = hits.total()
+        accs = [balanced_accuracy(counts[i], counts[-1]) for i in range(len(grid))]
         self.search = {f"{tau:g}": acc for tau, acc in zip(grid, accs)}
         best = max(range(len(grid)), key=lambda i: (accs[i], -abs(grid[i] - 1.0)))
         self.tau = float(grid[best])
         note = selection_note(self.cfg, split)
         ctx.log.info(f"logit adjustment: tau = {self.tau:g} chosen on '{split}' (balanced "
-                         f"accuracy {accs[best]:.2f}%; grid {self.search})"
-                         + (f"; {note}" if note else ""))
+                     f"accuracy {accs[best]:.2f}%; grid {self.search})"
+                     + (f"; {note}" if note else ""))
 
     @torch.no_grad()
     def predict(self, model, images):
