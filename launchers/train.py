@@ -91,15 +91,18 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)  # options may sit among the overrides
 
 
-def prepare(config: str, overrides: list[str], dry_run: bool = False, check_data: bool = True):
+def prepare(config: str, overrides: list[str], dry_run: bool = False):
     """Load and check everything a run needs; raises ConfigError, or DataProblems with every
     data problem of every stage (the list files parsed and checked: launchers/plan_check.py).
     dry_run: print the plan (batch, lr used, steps, samples per epoch) first, even when the
-    data are missing. check_data=False: the config only (the ranks of a job other than rank 0,
-    see check_data_once)."""
+    data are missing."""
     plan = load_plan(config, overrides)
-    if not check_data:
-        return plan
+    check_data(plan, dry_run)
+    return plan
+
+
+def check_data(plan, dry_run: bool = False):
+    """The data part of prepare(): every list, pool and input file of every stage."""
     problems, reports = check_plan_data(plan)
     for i, stage in enumerate(plan):
         found = []
@@ -115,7 +118,6 @@ def prepare(config: str, overrides: list[str], dry_run: bool = False, check_data
             print(summary)
     if problems:
         raise DataProblems(problems)
-    return plan
 
 
 class PeerDataProblems(Exception):
@@ -128,20 +130,19 @@ def check_data_once(config: str, overrides: list[str]):
     GPU); the other ranks check the config, join the process group and learn rank 0's verdict,
     so every rank stops with exit status 2 on bad data instead of waiting for a peer that left."""
     rank, world = dist_utils.env_ranks()[:2]
-    plan, problems = prepare(config, overrides, check_data=False), None
+    plan, problems = load_plan(config, overrides), None
     if rank == 0:
         try:
-            plan = prepare(config, overrides)
+            check_data(plan)
         except DataProblems as e:
             problems = e
     if world > 1:
         cfg = plan[0].cfg
         dist_utils.setup(cfg.engine.device, cfg.dist.backend)   # run_plan reuses this group
-        if dist_utils.any_rank(problems is not None) and problems is None:
+        if dist_utils.any_rank(problems is not None):
             dist_utils.cleanup()
-            raise PeerDataProblems()
-        if problems is not None:
-            dist_utils.cleanup()
+            if problems is None:
+                raise PeerDataProblems()
     if problems is not None:
         raise problems
     return plan
