@@ -12,8 +12,9 @@ file, several times faster than PIL + torchvision on a few CPU cores.
   normalisation; the flip, the "small" pad-crop and MoCo's colour and blur run after FFCV in
   batch_aug.py's shared stage, drawn from our per-sample seeds (the "small" recipe is then
   pixel for pixel the torchvision backend's). On a GPU machine the pipeline stops at uint8 and
-  the stage runs on the GPU (4x less to copy, no CPU time). Only the random-resized-crop
-  window is FFCV's own draw (not seeded per sample).
+  the stage runs on the GPU (4x less to copy, no CPU time). The random-resized-crop window is
+  seeded too (ffcv_ops.SeededRandomResizedCrop): the seed travels to the decoder inside the
+  order's uint64 keys, above the item index, as FFCV passes a decoder nothing else per sample.
 - Batches are views of FFCV's ring buffers, which are reused across epochs: valid until the
   next batch or two are taken (clone to keep them); the engine uses each batch before asking
   for the next.
@@ -29,8 +30,7 @@ import queue
 
 import numpy as np
 import torch
-from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
-                                   SimpleRGBImageDecoder)
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
 from ffcv.loader import Loader
 from ffcv.pipeline import PipelineSpec
 from ffcv.reader import Reader
@@ -41,7 +41,7 @@ from .augment import MOCO, RRC_RATIO, RRC_SCALE, AugmentSpec
 from .batch_aug import BatchAugment, flip_mask
 from .ffcv_beton import (beton_path_for, dataset_fingerprint, ensure_beton,  # noqa: F401
                          read_sidecar, sidecar_path, write_beton)
-from .ffcv_ops import CenterCrop, NormalizeCHW, flip_in_place
+from .ffcv_ops import CenterCrop, NormalizeCHW, SeededRandomResizedCrop, crop_keys, flip_in_place
 from .flat import flatten_source, note_skips
 from .samplers import sample_seeds
 from .sources import DataError
@@ -145,12 +145,14 @@ class FfcvLoader:
         self.stage = BatchAugment(spec, flip=True, crop=True, gray_rgb=self.stored_channels == 1)
         self._constants = self.stage._constants   # device -> normalisation tensors
         self.seed, self.epochs_seen = int(seed), 0
+        self.seeded_crop = spec.train and spec.kind in ("imagenet", "moco")
         key = (os.path.abspath(path), os.path.getmtime(path), spec, int(batch_size),
                max(1, int(threads)), int(batches_ahead), self.on_device)
         if key not in _COMPILED:
             pipes = self._pipelines(int(image["width"].max()), int(image["height"].max()))
             loader = Loader(path, batch_size=batch_size, num_workers=key[4],
                             order=_GivenOrder(), pipelines=pipes, drop_last=False,
+                            os_cache=True,   # the process cache reads pages by raw index
                             seed=int(seed) % (2 ** 31), batches_ahead=batches_ahead)
             _reuse_buffers(loader)
             _COMPILED[key] = loader
@@ -193,15 +195,16 @@ class FfcvLoader:
         if not s.train:  # imagenet and moco evaluate alike: resize 256/224, center crop
             dec = CenterCropRGBImageDecoder((s.size, s.size), ratio=s.size / s.eval_resize)
             return {**off, "image": [dec] + finish(False)}
+        items = len(self.flat)
         if s.kind == "imagenet":
-            dec = RandomResizedCropRGBImageDecoder((s.size, s.size), RRC_SCALE, RRC_RATIO)
+            dec = SeededRandomResizedCrop((s.size, s.size), RRC_SCALE, RRC_RATIO, items)
             return {**off, "image": [dec] + finish(True)}
 
-        def view():
-            dec = RandomResizedCropRGBImageDecoder((s.size, s.size), MOCO["scale"], RRC_RATIO)
+        def view(v):
+            dec = SeededRandomResizedCrop((s.size, s.size), MOCO["scale"], RRC_RATIO, items, v)
             return PipelineSpec("image", decoder=dec, transforms=finish())
 
-        return {**off, "image": None, "view0": view(), "view1": view()}
+        return {**off, "image": None, "view0": view(0), "view1": view(1)}
 
     def _finish(self, views: list, seeds) -> torch.Tensor:
         """FFCV's outputs (one per view) -> the batch: uint8 HWC through the shared stage, or
@@ -255,8 +258,11 @@ class FfcvLoader:
         if seeds is None and self.spec.train:      # a sampler without seeds: our own
             seeds = sample_seeds(self.seed, self.epochs_seen, np.arange(len(order)))
         self.epochs_seen += 1
-        self.loader.traversal_order.order = order
-        self.loader.first_traversal_order = order  # FFCV sizes the epoch from this
+        keys = order
+        if self.seeded_crop:     # the crop seeds ride in the keys (SeededRandomResizedCrop)
+            keys = crop_keys(order, seeds, len(self.flat))
+        self.loader.traversal_order.order = keys
+        self.loader.first_traversal_order = keys   # FFCV sizes the epoch from this
         if len(order) == 0:
             return
         self._epoch_it = it = iter(self.loader)

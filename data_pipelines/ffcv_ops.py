@@ -1,17 +1,21 @@
 """FFCV backend, operations: numba kernels and FFCV Operations for what FFCV lacks.
 
-Center crop and normalization straight into NCHW float32 with the model's channel count. The
-random parts FFCV cannot seed per sample (flip, the "small" crop, MoCo's colour and blur) are
-batch_aug.py's, shared with the other backends. Part of the FFCV backend with ffcv_beton.py
-and ffcv_loader.py.
+Center crop and normalization straight into NCHW float32 with the model's channel count, and
+a random-resized-crop decoder whose windows come from our per-sample seeds (FFCV's own draws
+numpy's global generator from numba threads: not reproducible). The random parts after the
+crop (flip, the "small" crop, MoCo's colour and blur) are batch_aug.py's, shared with the other
+backends. Part of the FFCV backend with ffcv_beton.py and ffcv_loader.py.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 
 import numba
 import numpy as np
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
@@ -98,7 +102,114 @@ def _normalize_chw(src, dst, scale, offset, flip, luma):
                 d0[x] = np.float32(row[x, 0]) * s0 + o0
 
 
+# The seeded window: batch_aug.rrc_params(view_seeds([s], view)[0], ...) in numba, draw for
+# draw (splitmix64 as batch_aug.uniforms; no fastmath, so sqrt/exp/round agree with Python's).
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@numba.njit(cache=True)
+def _uniform(seed, j):
+    """Draw j (1-based) of batch_aug.uniforms for one non-negative int64 seed."""
+    z = np.uint64(seed) + _GOLDEN * np.uint64(j)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.float64(z >> np.uint64(11)) / 9007199254740992.0
+
+
+@numba.njit(cache=True)
+def seeded_window(seed, view, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi):
+    """(top, left, h, w) of view ``view``'s RandomResizedCrop for crop seed ``seed``."""
+    s = np.int64(_uniform(seed, 1) * 4611686018427387904.0) ^ np.int64(view * 0x5A5A5A5A)
+    area = float(height) * float(width)
+    lo, hi = math.log(ratio_lo), math.log(ratio_hi)
+    for k in range(10):
+        target = area * (scale_lo + _uniform(s, 14 + 4 * k) * (scale_hi - scale_lo))
+        aspect = math.exp(lo + _uniform(s, 15 + 4 * k) * (hi - lo))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return (int(_uniform(s, 16 + 4 * k) * (height - h + 1)),
+                    int(_uniform(s, 17 + 4 * k) * (width - w + 1)), h, w)
+    in_ratio = float(width) / float(height)
+    if in_ratio < ratio_lo:
+        w, h = width, int(round(width / ratio_lo))
+    elif in_ratio > ratio_hi:
+        h, w = height, int(round(height * ratio_hi))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def index_bits(items: int) -> int:
+    """Bits of an FFCV key that hold the item index; the rest (up to 63) hold a crop seed."""
+    return max(1, int(items - 1).bit_length())
+
+
+def crop_keys(indices: np.ndarray, seeds: np.ndarray, items: int) -> np.ndarray:
+    """uint64 keys ``crop_seed << index_bits | index`` for SeededRandomResizedCrop: FFCV hands
+    a decoder nothing per sample but the batch's indices, so the seed travels inside them."""
+    bits = index_bits(items)
+    crop = np.asarray(seeds, np.int64) & np.int64((1 << (63 - bits)) - 1)
+    return (crop.astype(np.uint64) << np.uint64(bits)) | np.asarray(indices, np.uint64)
+
+
+def crop_seed_of(seeds: np.ndarray, items: int) -> np.ndarray:
+    """The crop seed a key made by crop_keys carries (what seeded_window is given)."""
+    return np.asarray(seeds, np.int64) & np.int64((1 << (63 - index_bits(items))) - 1)
+
+
 # ----------------------------------------------------------------------------- operations
+
+class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
+    """FFCV's random-resized-crop decoder with the window drawn from the sample's seed.
+
+    Reads keys made by crop_keys (the loader's order must hold them: only this field may be
+    decoded from it, and the OS page cache must be the memory manager, which ignores indices);
+    ``view`` tells MoCo's two views apart, as in the torchvision backend. Decoding (whole JPEG
+    or raw pixels) and the area resize are FFCV's own.
+    """
+
+    def __init__(self, output_size, scale, ratio, items: int, view: int = 0):
+        super().__init__(output_size)
+        self.scale, self.ratio = tuple(map(float, scale)), tuple(map(float, ratio))
+        self.bits, self.view = index_bits(items), int(view)
+
+    @property
+    def get_crop_generator(self):   # abstract in FFCV; the window is seeded_window's
+        return None
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read, my_range = self.memory_read, Compiler.get_iterator()
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        (s_lo, s_hi), (r_lo, r_hi) = self.scale, self.ratio
+        bits, mask, view = np.uint64(self.bits), np.uint64((1 << self.bits) - 1), self.view
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            for dst_ix in my_range(len(batch_indices)):
+                key = np.uint64(batch_indices[dst_ix])
+                field = metadata[key & mask]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    temp_buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1,
+                               False, False)
+                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width]
+                    temp_buffer = temp_buffer.reshape(height, width, 3)
+                else:
+                    temp_buffer = image_data.reshape(height, width, 3)
+                i, j, h, w = seeded_window(np.int64(key >> bits), view, np.int64(height),
+                                           np.int64(width), s_lo, s_hi, r_lo, r_hi)
+                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
 
 class CenterCrop(Operation):
     """Center crop to ``size`` (the "small" eval recipe when images are larger)."""
