@@ -353,6 +353,24 @@ def test_augmented_dataset_seeded_and_rng_untouched():
     assert len(ds) == 10
 
 
+def test_augmented_dataset_seeds_the_cpu_generator_only(monkeypatch):
+    """A seeded sample sets the CPU generator, not torch.manual_seed (which also queues CUDA's
+    lazy seeding with a stack trace, ~1 ms a sample), and draws what manual_seed drew."""
+    rng = np.random.RandomState(0)
+    src = ArraySource(rng.randint(0, 256, (4, 32, 32, 3)).astype(np.uint8), np.arange(4) % 2, 2,
+                      "toy")
+    tf = build_transform("imagenet", True, 24, *DEFAULT_STATS["cifar10"], 3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(77)
+        want = tf(torch.from_numpy(src.images[2]).permute(2, 0, 1).contiguous())
+
+    def refuse(seed):
+        raise AssertionError("torch.manual_seed called per sample")
+    monkeypatch.setattr(torch, "manual_seed", refuse)
+    got, _ = AugmentedDataset(src, tf)[(2, 77)]
+    assert torch.equal(got, torch.as_tensor(want))
+
+
 def test_loader_output_independent_of_worker_count():
     rng = np.random.RandomState(0)
     src = ArraySource(rng.randint(0, 256, (40, 16, 16, 3)).astype(np.uint8),
