@@ -34,7 +34,7 @@ from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecod
 from ffcv.loader import Loader
 from ffcv.pipeline import PipelineSpec
 from ffcv.reader import Reader
-from ffcv.transforms import ToTensor
+from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
 from .augment import MOCO, RRC_RATIO, RRC_SCALE, AugmentSpec
@@ -147,7 +147,7 @@ class FfcvLoader:
         self.seed, self.epochs_seen = int(seed), 0
         self.seeded_crop = spec.train and spec.kind in ("imagenet", "moco")
         key = (os.path.abspath(path), os.path.getmtime(path), spec, int(batch_size),
-               max(1, int(threads)), int(batches_ahead), self.on_device)
+               max(1, int(threads)), int(batches_ahead), str(self.device))
         if key not in _COMPILED:
             pipes = self._pipelines(int(image["width"].max()), int(image["height"].max()))
             loader = Loader(path, batch_size=batch_size, num_workers=key[4],
@@ -173,7 +173,14 @@ class FfcvLoader:
 
         def finish(flip: bool = False) -> list:
             """Normalize to float32 NCHW here (CPU), or hand over uint8 HWC to the shared
-            stage (on the GPU: 4x less to copy, no CPU time). Flips are the stage's (seeded)."""
+            stage (on the GPU: 4x less to copy, no CPU time). Flips are the stage's (seeded).
+
+            To a device, FFCV's ToDevice copies in FFCV's own thread and stream, so the training
+            thread never waits for a copy. The copy blocks that thread on purpose: FFCV refills
+            a pinned host slot as soon as its batch is handed on, and an asynchronous copy could
+            still be reading it (the device slots are guarded by FFCV's events)."""
+            if self.on_device:
+                return [ToTensor(), ToDevice(self.device, non_blocking=False)]
             if self.uint8_out:
                 return [ToTensor()]
             return [NormalizeCHW(s.mean, s.std, s.channels, self.stored_channels), ToTensor()]
@@ -207,21 +214,15 @@ class FfcvLoader:
         return {**off, "image": None, "view0": view(0), "view1": view(1)}
 
     def _finish(self, views: list, seeds) -> torch.Tensor:
-        """FFCV's outputs (one per view) -> the batch: uint8 HWC through the shared stage, or
-        float32 NCHW (normalised by FFCV) with the seeded flip.
-
-        A copy to the device blocks on purpose: the batch lives in FFCV's pinned ring buffer,
-        whose slot FFCV's thread refills as soon as we hand the batch on, so an asynchronous
-        copy could read the next batch's bytes. It waits for the copy only, not for queued
-        GPU work."""
+        """FFCV's outputs (one per view) -> the batch: uint8 HWC (already on the device when
+        there is one) through the shared stage, or float32 NCHW (normalised by FFCV) with the
+        seeded flip. The stage's output is a new tensor: FFCV's ring slot can be reused."""
         if not self.uint8_out:
             x = views[0]
             if self.spec.flip:
                 rows = np.nonzero(flip_mask(seeds, self.spec.flip_p))[0].astype(np.int64)
                 flip_in_place(x.numpy(), rows)
             return x
-        if self.on_device:
-            views = [v.to(self.device, non_blocking=False) for v in views]
         x = torch.stack([v.permute(0, 3, 1, 2) for v in views], 1)
         return self.stage(x[:, 0] if len(views) == 1 else x, seeds)
 

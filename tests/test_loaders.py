@@ -422,11 +422,17 @@ def test_dali_reads_files_off_the_training_thread(jpegs, betons, monkeypatch):
     assert threads and all(t.startswith("dali-read") for t in threads), threads
 
 
-def test_ffcv_device_path_builds_its_constants_once_and_copies_blocking(jpegs, betons,
-                                                                          monkeypatch):
+def test_ffcv_device_path_builds_its_constants_once_and_copies_in_ffcvs_thread(jpegs, betons,
+                                                                               monkeypatch):
     """Issue 18 item 8: mean/std were rebuilt on the device for every view of every batch, and
-    the non_blocking copy out of FFCV's pinned ring buffer could race FFCV's refill of it."""
+    a non_blocking copy out of FFCV's pinned ring buffer could race FFCV's refill of it. Issue
+    14: the copy is FFCV's ToDevice, in FFCV's thread (the training thread copies nothing), and
+    it blocks that thread, so the pinned slot is free when FFCV refills it."""
     need("ffcv")
+    import threading
+
+    from ffcv.transforms import ToDevice
+
     from ltrainer.data_pipelines import ffcv_loader
     from ltrainer.data_pipelines.loaders import augment_spec
 
@@ -436,20 +442,29 @@ def test_ffcv_device_path_builds_its_constants_once_and_copies_blocking(jpegs, b
                                     augment_spec(cfg, False, 3), threads=1, device="cpu")
     first = collect(loader)
     assert len(loader._constants) == 1
-    copies = []
-    real_to = torch.Tensor.to
+    to_device = [op for spec in loader.loader.pipeline_specs.values()
+                 for op in spec.transforms if isinstance(op, ToDevice)]
+    assert to_device and all(not op.non_blocking for op in to_device)
+    moves, copiers = [], set()
+    real_to, real_copy = torch.Tensor.to, torch.Tensor.copy_
 
     def spy_to(self, *args, **kw):
-        copies.append(kw.get("non_blocking", False))
+        moves.append(threading.current_thread() is threading.main_thread())
         return real_to(self, *args, **kw)
+
+    def spy_copy(self, src, non_blocking=False):
+        copiers.add(threading.current_thread() is threading.main_thread())
+        return real_copy(self, src, non_blocking)
 
     def no_new_tensors(*a, **k):
         raise AssertionError("device constants rebuilt for a batch")
 
     monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    monkeypatch.setattr(torch.Tensor, "copy_", spy_copy)
     monkeypatch.setattr(ffcv_loader.torch, "tensor", no_new_tensors)
     again = collect(loader)
     monkeypatch.undo()
-    assert copies and not any(copies)          # every copy out of the ring buffer blocks
+    assert copiers == {False}                  # copied by FFCV's thread only
+    assert not any(moves)                      # the training thread moves nothing
     for (xa, ya), (xb, yb) in zip(first, again):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
