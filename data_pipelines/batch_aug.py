@@ -83,7 +83,19 @@ def flip_rows(x: torch.Tensor, seeds, p: float = 0.5) -> torch.Tensor:
 def rrc_params(seed: int, height: int, width: int, scale, ratio) -> tuple:
     """(top, left, h, w) of torchvision's RandomResizedCrop window, drawn from ``seed``
     (draws 13..52 of its stream: independent of draw_params', which uses 0..12)."""
-    u = uniforms([seed], 53)[0][13:]
+    return _rrc_window(uniforms([seed], 53)[0][13:], height, width, scale, ratio)
+
+
+def rrc_windows(seeds, sizes, scale, ratio) -> np.ndarray:
+    """``rrc_params`` of many samples at once (the same windows; one draw of the streams for
+    the batch instead of one per sample): ``sizes`` are (height, width) pairs; int64
+    ``[n, 4]`` rows of (top, left, h, w)."""
+    u = uniforms(seeds, 53)[:, 13:].tolist() if len(seeds) else []
+    return np.array([_rrc_window(d, int(h), int(w), scale, ratio)
+                     for d, (h, w) in zip(u, sizes)], dtype=np.int64).reshape(-1, 4)
+
+
+def _rrc_window(u, height: int, width: int, scale, ratio) -> tuple:
     area, log_ratio = height * width, (math.log(ratio[0]), math.log(ratio[1]))
     for k in range(10):
         target = area * (scale[0] + u[4 * k] * (scale[1] - scale[0]))

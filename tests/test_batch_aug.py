@@ -131,6 +131,22 @@ def test_seeded_random_resized_crop_window_follows_the_recipe():
                                                                           RRC_RATIO)
 
 
+def test_batched_windows_are_rrc_params_windows():
+    """rrc_windows (the DALI feeder's, one stream draw per batch) gives rrc_params's windows,
+    also for tiny, extreme-aspect images that fall back to the centre crop."""
+    from ltrainer.data_pipelines.augment import RRC_RATIO, RRC_SCALE
+
+    g = np.random.default_rng(0)
+    seeds = g.integers(0, 2 ** 62, 3000)
+    sizes = [tuple(v) for v in g.integers(1, 600, (3000, 2)).tolist()]
+    sizes[:3] = [(1, 1), (3, 500), (500, 3)]
+    for scale in (RRC_SCALE, MOCO["scale"]):
+        want = [B.rrc_params(int(s), h, w, scale, RRC_RATIO) for s, (h, w) in zip(seeds, sizes)]
+        got = B.rrc_windows(seeds, sizes, scale, RRC_RATIO)
+        assert got.dtype == np.int64 and got.tolist() == [list(v) for v in want]
+    assert B.rrc_windows(np.zeros(0, np.int64), [], RRC_SCALE, RRC_RATIO).shape == (0, 4)
+
+
 def test_crop_window_and_colour_draws_of_a_view_are_independent():
     """They share a view's seed; a shared draw made big crops go with no jitter."""
     from ltrainer.data_pipelines.augment import RRC_RATIO
