@@ -2,7 +2,8 @@
 
 Why DALI: its decoders (libjpeg-turbo on CPU, nvJPEG on GPU with ``device='mixed'``) and
 operators run in a native thread pool, and for the train crop it decodes only the crop region
-(``decoders.image_random_crop``), which a loader that decodes whole images cannot match.
+(``decoders.image_slice``, in the window the feeder drew), which a loader that decodes whole
+images cannot match.
 
 - Input: the list file's images are read directly (raw bytes from each path, no conversion
   step); in-memory arrays (Fashion-MNIST, CIFAR) are fed as HWC uint8. Which items form which
@@ -20,14 +21,15 @@ operators run in a native thread pool, and for the train crop it decodes only th
   data.on_bad_image=skip, dropped from its batch and counted). If DALI's decoder still fails,
   the images of the recent batches are checked with PIL and the error names the culprit; in
   skip mode the pipeline is rebuilt without it and the epoch continues at the same batch.
-- Augmentation: the same recipes with DALI operators (see `_graph`). Flips and the "small"
-  crop are drawn from our per-sample seeds by the feeder (the "small" recipe is then pixel for
-  pixel the torchvision backend's); MoCo's crop is DALI's, its colour jitter, grayscale, blur
-  and flip run after DALI in batch_aug.py's shared stage (on the GPU with a GPU pipeline),
-  seeded per sample too. Only the random-resized-crop windows are DALI's own draws (seeded per
-  rank), so a resumed epoch repeats the order, and every pixel but those windows.
+- Augmentation: the same recipes with DALI operators (dali_graph.py). Every random draw comes
+  from our per-sample seeds, drawn by the feeder: flips, the "small" crop (then pixel for pixel
+  the torchvision backend's) and the random-resized-crop windows (batch_aug.rrc_params's, the
+  torchvision MoCo path's windows for the same seed); MoCo's colour jitter, grayscale, blur and
+  flip run after DALI in batch_aug.py's shared stage (on the GPU with a GPU pipeline). So a
+  sample's pixels depend on its seed only: a resumed epoch repeats them.
 
-This is the only module that imports nvidia.dali (loaders.py imports it on demand).
+This module and dali_graph.py are the only ones that import nvidia.dali (loaders.py imports
+this one on demand).
 """
 from __future__ import annotations
 
@@ -40,8 +42,9 @@ from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .augment import MOCO, RRC_RATIO, RRC_SCALE, AugmentSpec
+from .augment import AugmentSpec
 from .batch_aug import BatchAugment, small_crop_params, uniforms
+from .dali_graph import crop_views, graph, image_size, window_draws
 from .flat import flatten_source, note_skips
 from .samplers import mix_seeds, sample_seeds
 from .sources import DataError
@@ -108,17 +111,22 @@ class _Feeder:
             ahead = ((items, [o.read(i) for i in items]) for items in batches)
         else:   # 8+ reads in flight: 10 ms reads cost ~20 ms per batch of 16, not 160
             ahead = read_ahead(o.read, batches, depth=o.prefetch, threads=max(8, o.threads))
+        sized = bool(crop_views(o.spec))    # crop windows need each image's size
         for items, read in ahead:
             if o.token != token:   # the epoch was abandoned: stop feeding
                 ahead.close()
                 return
             self.recent.append(items)
-            data, labels, index, good_seeds, bad = [], [], [], [], []
+            data, sizes, labels, index, good_seeds, bad = [], [], [], [], [], []
             for i, seed, (arr, why) in zip(items, next(seed_batches), read):
+                if why is None and sized:
+                    hw, why = image_size(arr, o.flat.kind == "files")
                 if why is not None:
                     bad.append(f"{o.flat.describe(i)}: {why}")
                     continue
                 data.append(arr)
+                if sized:
+                    sizes.append(hw)
                 labels.append(o.label_arrays[i])
                 index.append(np.array([i], dtype=np.int64))
                 good_seeds.append(seed)
@@ -129,7 +137,8 @@ class _Feeder:
                 note_skips(o, bad)
                 if not data:
                     raise DataError(f"every image of a batch is unreadable (first: {bad[0]})")
-            yield (data, labels, index, *o.draws(np.asarray(good_seeds, dtype=np.int64), data))
+            yield (data, labels, index,
+                   *o.draws(np.asarray(good_seeds, dtype=np.int64), data, sizes))
 
 
 def read_ahead(read, batches, depth: int, threads: int):
@@ -173,8 +182,8 @@ class DaliLoader:
         self.threads, self.device_id, self.on_bad_image = int(threads), device_id, on_bad_image
         self.prefetch, self.seed = int(prefetch), int(seed)
         self.epochs_seen = 0
-        # The seeded parts DALI cannot draw per sample itself: flips and the "small" crop come
-        # from the feeder (drawn from our per-sample seeds), MoCo's colour, blur and flip run
+        # DALI cannot draw from our per-sample seeds itself: flips, the "small" crop and the
+        # random-resized-crop windows come from the feeder, MoCo's colour, blur and flip run
         # after DALI in batch_aug.py's shared stage.
         self.stage = BatchAugment(spec, flip=True) if spec.colour else None
         self.skipped = 0
@@ -224,29 +233,33 @@ class DaliLoader:
 
     @property
     def draw_kinds(self) -> tuple:
-        """Which seeded per-sample inputs the graph takes (see `draws`)."""
+        """Which seeded per-sample inputs the graph takes (see `draws`): then an anchor and a
+        shape per random-resized-crop view."""
         s = self.spec
+        windows = tuple(k for v, _ in crop_views(s) for k in (f"anchor{v}", f"shape{v}"))
         if s.colour:
-            return ("seeds",)
+            return ("seeds",) + windows
         if s.kind == "small" and s.train:
             return ("mirror", "start")
-        return ("mirror",) if s.flip else ()
+        return (("mirror",) if s.flip else ()) + windows
 
-    def draws(self, seeds: np.ndarray, data: list) -> list:
+    def draws(self, seeds: np.ndarray, data: list, sizes: list = ()) -> list:
         """The per-sample inputs that carry our seeds into the graph: seeds (for the shared
-        stage), mirror flags, the "small" crop's corner (in unpadded coordinates)."""
+        stage), mirror flags, the "small" crop's corner (in unpadded coordinates), the crop
+        windows (dali_graph.window_draws, from the images' (height, width) ``sizes``)."""
         s, kinds = self.spec, self.draw_kinds
         if "start" in kinds:
             p = [small_crop_params(int(v), a.shape[0], a.shape[1], s.size, s.pad)
                  for v, a in zip(seeds.tolist(), data)]
             return [[np.array(f, np.int32) for _, _, f in p],
                     [np.array([t - s.pad, left - s.pad], np.int32) for t, left, _ in p]]
+        out = []
         if "mirror" in kinds:
             flips = (uniforms(seeds, 13)[:, 12] < s.flip_p).tolist() if len(seeds) else []
-            return [[np.array(f, np.int32) for f in flips]]
+            out.append([np.array(f, np.int32) for f in flips])
         if "seeds" in kinds:
-            return [[np.array([v], np.int64) for v in seeds.tolist()]]
-        return []
+            out.append([np.array([v], np.int64) for v in seeds.tolist()])
+        return out + window_draws(s, seeds, sizes)
 
     # ------------------------------------------------------------------ pipeline
     def _build(self):
@@ -258,14 +271,15 @@ class DaliLoader:
         with pipe:
             encoded = self.flat.kind == "files"
             kinds = self.draw_kinds
-            types_of = {"seeds": types.INT64, "mirror": types.INT32, "start": types.INT32}
             raw, labels, index, *drawn = fn.external_source(
                 source=self.feeder, num_outputs=3 + len(kinds), batch=True, cycle="raise",
-                dtype=[types.UINT8, types.INT64, types.INT64] + [types_of[k] for k in kinds],
+                dtype=[types.UINT8, types.INT64, types.INT64] + [
+                    types.INT64 if k == "seeds" else types.INT32 for k in kinds],
                 layout=[None if encoded else "HWC"] + [None] * (2 + len(kinds)))
             drawn = dict(zip(kinds, drawn))
-            images = _graph(self.spec, raw, encoded, self._in_channels(), gpu, self._fixed_size,
-                            drawn.get("mirror"), drawn.get("start"))
+            windows = [(drawn[f"anchor{v}"], drawn[f"shape{v}"]) for v, _ in crop_views(self.spec)]
+            images = graph(self.spec, raw, encoded, self._in_channels(), gpu, self._fixed_size,
+                           drawn.get("mirror"), drawn.get("start"), windows)
             pipe.set_outputs(images, labels, index, *([drawn["seeds"]] if "seeds" in drawn else []))
         pipe.build()
         self.pipe = pipe
@@ -355,79 +369,3 @@ class DaliLoader:
                 if why:
                     found.append((i, why))
         return found
-
-
-# ----------------------------------------------------------------------------- graph
-
-def _to_channels(img, have: int, want: int):
-    if have == want:
-        return img
-    if have == 3 and want == 1:
-        return fn.color_space_conversion(img, image_type=types.RGB, output_type=types.GRAY)
-    return fn.cat(img, img, img, axis=2)
-
-
-def _normalize(img, spec: AugmentSpec, mirror=None, crop=None):
-    kwargs = dict(dtype=types.FLOAT, output_layout="CHW",
-                  mean=[m * 255.0 for m in spec.mean], std=[s * 255.0 for s in spec.std])
-    if mirror is not None:
-        kwargs["mirror"] = mirror
-    if crop is not None:
-        kwargs["crop"] = crop
-    return fn.crop_mirror_normalize(img, **kwargs)
-
-
-def _moco_view(img, spec: AugmentSpec):
-    """MoCo v2 aug+'s RandomResizedCrop(0.2-1) as uint8 CHW: the colour, blur, flip and
-    normalisation run after DALI in batch_aug.py's shared stage (seeded per sample)."""
-    s = spec.size
-    v = fn.random_resized_crop(img, size=[s, s], random_area=list(MOCO["scale"]),
-                               random_aspect_ratio=list(RRC_RATIO))
-    return fn.transpose(v, perm=[2, 0, 1], output_layout="CHW")
-
-
-def _graph(spec: AugmentSpec, raw, encoded: bool, in_channels: int, gpu: bool, fixed_size,
-           mirror, start):
-    """The augmentation recipe as DALI operators; returns the normalized NCHW (or 2-view)
-    node (uint8 views for MoCo). ``mirror`` / ``start``: the seeded flips and "small" crop
-    corners from the feeder."""
-    s, kind = spec.size, spec.kind
-    decode_dev = "mixed" if gpu else "cpu"
-    out_type = types.GRAY if spec.channels == 1 else types.RGB
-    have = 1 if out_type == types.GRAY else 3
-
-    if encoded and kind == "imagenet" and spec.train:
-        # Decode only the random crop window, then resize: the fast path.
-        img = fn.decoders.image_random_crop(raw, device=decode_dev, output_type=out_type,
-                                            random_area=list(RRC_SCALE),
-                                            random_aspect_ratio=list(RRC_RATIO),
-                                            num_attempts=10)
-        img = fn.resize(img, resize_x=s, resize_y=s)
-        return _normalize(_to_channels(img, have, spec.channels), spec, mirror=mirror)
-    if encoded:
-        img = fn.decoders.image(raw, device=decode_dev, output_type=out_type)
-    else:
-        img = raw.gpu() if gpu else raw
-        have = in_channels
-
-    if kind == "moco" and spec.train:
-        return fn.stack(_moco_view(img, spec), _moco_view(img, spec))
-    if kind in ("imagenet", "moco"):
-        if spec.train:  # imagenet, from arrays
-            img = fn.random_resized_crop(img, size=[s, s], random_area=list(RRC_SCALE),
-                                         random_aspect_ratio=list(RRC_RATIO))
-            return _normalize(_to_channels(img, have, spec.channels), spec, mirror=mirror)
-        img = fn.resize(img, resize_shorter=spec.eval_resize)
-        return _normalize(_to_channels(img, have, spec.channels), spec, crop=[s, s])
-    if kind == "small":
-        img = _to_channels(img, have, spec.channels)
-        if spec.train:   # the corner and flip of batch_aug.small_crop_params (seeded)
-            img = fn.slice(img, start=start, shape=[s, s], axes=[0, 1],
-                           out_of_bounds_policy="pad")
-            return _normalize(img, spec, mirror=mirror)
-        if fixed_size == (s, s):
-            return _normalize(img, spec)
-        return _normalize(img, spec, crop=[s, s])
-    if kind == "none":
-        return _normalize(_to_channels(img, have, spec.channels), spec)
-    raise DataError(f"DALI loader: no recipe for data.augment = {kind!r}")

@@ -9,7 +9,8 @@ import os
 
 from tests.conftest import ROOT
 
-BACKEND_MODULES = ("dali_loader", "ffcv_loader", "ffcv_beton", "ffcv_ops", "torchvision_loader")
+BACKEND_MODULES = ("dali_loader", "dali_graph", "ffcv_loader", "ffcv_beton", "ffcv_ops",
+                   "torchvision_loader")
 SPEC_NAMES = {"MOCO", "RRC_SCALE", "RRC_RATIO", "FLIP_P", "EVAL_RESIZE", "moco_blur_kernel"}
 
 

@@ -173,3 +173,59 @@ def test_eval_window_and_channel_statistics_agree(coords, tmp_path):
         assert np.abs(cy - H / 2).max() <= 0.5 + 0.125 + 1e-6, backend
         level = torch.from_numpy(coords.images[items, 0, 0, 2].astype(np.float64))
         assert (x[:, 2] - level.view(-1, 1, 1)).abs().max() <= 0.5 + 1e-3, backend
+
+
+@pytest.fixture(scope="module")
+def coord_jpegs(tmp_path_factory):
+    """512 coordinate maps as lossless-chroma JPEGs (quality 100, 4:4:4), every fourth one
+    tagged with an EXIF rotation, which every backend ignores (PIL does)."""
+    from PIL import Image
+
+    from ltrainer.data_pipelines.sources import read_list_file
+
+    d = tmp_path_factory.mktemp("coord_jpegs")
+    src = coordinate_images(n=512, seed=2)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                  # "rotate 90 CW to display"
+    lines = []
+    for i, img in enumerate(src.images):
+        extra = {"exif": exif.tobytes()} if i % 4 == 0 else {}
+        Image.fromarray(img).save(d / f"{i}.jpg", quality=100, subsampling=0, **extra)
+        lines.append(f"{i}.jpg {int(src.labels[i])}\n")
+    (d / "list.txt").write_text("".join(lines))
+    return read_list_file(str(d / "list.txt"))
+
+
+def seeded_windows(seeds, view, scale):
+    """(top, left, h, w) per seed: what the torchvision backend's MoCo views crop."""
+    return np.array([rrc_params(int(view_seeds([s], view)[0]), H, W, scale, RRC_RATIO)
+                     for s in seeds], dtype=np.float64)
+
+
+@pytest.mark.parametrize("augment,data", [("imagenet", "arrays"), ("imagenet", "jpegs"),
+                                          ("moco", "arrays"), ("moco", "jpegs")])
+def test_dali_windows_are_the_seeds_rrc_params_windows(augment, data, coords, coord_jpegs,
+                                                       tmp_path):
+    """DALI crops the window batch_aug.rrc_params draws from the sample's seed (view 0 for
+    "imagenet", views 0 and 1 for MoCo: the torchvision MoCo path's windows), from arrays
+    and from JPEG files: width and height read back within the slope's rounding error and a
+    quarter pixel (JPEG noise; seen: 0.28 px), the centre within a quarter pixel (seen: 0.07;
+    a window one pixel off is caught). MoCo views are read where the shared stage drew no
+    colour jitter and no grayscale."""
+    src = coords if data == "arrays" else coord_jpegs
+    scale = MOCO["scale"] if augment == "moco" else RRC_SCALE
+    x, seeds, items = run("dali", src, augment, True, OUT, tmp_path)
+    for view in (0, 1) if augment == "moco" else (0,):
+        keep = np.ones(len(seeds), bool)
+        xv = x
+        if augment == "moco":
+            p = draw_params(view_seeds(seeds, view), 3, MOCO)
+            keep = ~p["jitter"] & ~p["gray"]
+            xv = x[torch.from_numpy(keep), view]
+        top, left, h, w = seeded_windows(seeds[keep], view, scale).T
+        got_w, got_h, _, (cx, cy) = windows(xv)
+        tol = SLOPE_ERR_PX + 0.25
+        assert np.abs(got_w - w).max() <= tol, (view, np.abs(got_w - w).max())
+        assert np.abs(got_h - h).max() <= tol, (view, np.abs(got_h - h).max())
+        assert np.abs(cx - (left + w / 2)).max() <= 0.25, (view, np.abs(cx - left - w / 2).max())
+        assert np.abs(cy - (top + h / 2)).max() <= 0.25, (view, np.abs(cy - top - h / 2).max())

@@ -69,7 +69,7 @@ def jpegs(tmp_path_factory):
 
 
 def make(backend, source, augment, train, sampler, betons, *, size=28, stats="fashion_mnist",
-         batch=BATCH, **cfg_over):
+         batch=BATCH, seed=3, **cfg_over):
     """A loader of ``backend`` for ``source``, built as DataBundle builds it."""
     need(backend)
     mean, std = DEFAULT_STATS[stats]
@@ -83,7 +83,7 @@ def make(backend, source, augment, train, sampler, betons, *, size=28, stats="fa
            "workers": 1 if backend == "ffcv" else 0, "dali_threads": 1, "dali_device": "cpu",
            "beton_dir": betons, "on_bad_image": "fail", "loader": backend, **cfg_over}
     build = make_train_loader if train else make_eval_loader
-    return build(cfg, AugmentedDataset(source, transform), sampler, batch_size=batch, seed=3,
+    return build(cfg, AugmentedDataset(source, transform), sampler, batch_size=batch, seed=seed,
                  in_channels=len(mean))
 
 
@@ -286,24 +286,101 @@ def test_bad_images_are_reported_with_their_path_or_skipped(backend, bad_list, b
     assert loader.skipped == 3
 
 
-def test_dali_decoder_failure_is_blamed_on_the_file(jpegs, tmp_path):
+@pytest.mark.parametrize("head", ["garbage", "frame header"])
+def test_dali_decoder_failure_is_blamed_on_the_file(head, jpegs, tmp_path):
     """A file that passes the cheap marker checks but breaks DALI's decoder is named, and in
-    skip mode the epoch goes on without it."""
+    skip mode the epoch goes on without it: garbage after the markers already fails the
+    feeder's header read (the crop window needs the size), a real frame header before the
+    garbage gets as far as DALI's decoder."""
     need("dali")
     sneaky = tmp_path / "sneaky.jpg"
-    sneaky.write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(3000) + b"\xff\xd9")
+    start = b"\xff\xd8\xff\xe0"
+    if head == "frame header":     # a real JPEG up to the end of its start-of-frame segment
+        whole = open(jpegs.full_path(0), "rb").read()
+        sof = whole.index(b"\xff\xc0")
+        start = whole[:sof + 2 + int.from_bytes(whole[sof + 2:sof + 4], "big")]
+    sneaky.write_bytes(start + os.urandom(3000) + b"\xff\xd9")
     lines = [f"{jpegs.full_path(i)} {int(jpegs.labels[i])}" for i in range(15)]
     lines.insert(9, f"{sneaky} 1")
     (tmp_path / "l.txt").write_text("\n".join(lines) + "\n")
     src = read_list_file(str(tmp_path / "l.txt"), root="/")
     sampler = build_sampler("uniform", src.labels, batch_size=4, seed=0)
-    with pytest.raises(DataError, match="sneaky.jpg"):
+    caught_by = "bad image" if head == "garbage" else "DALI could not decode"
+    with pytest.raises(DataError, match=f"{caught_by}: .*sneaky.jpg"):
         collect(make("dali", src, "imagenet", True, sampler, str(tmp_path), size=48,
                      stats="imagenet", batch=4))
     loader = make("dali", src, "imagenet", True, sampler, str(tmp_path), size=48,
                   stats="imagenet", batch=4, on_bad_image="skip")
     labels = torch.cat([y for _, y in collect(loader)])
     assert len(labels) == 15 and loader.skipped == 1
+
+
+class _FixedKeys:
+    """A sampler that gives the same (index, seed) keys every epoch."""
+
+    def __init__(self, keys):
+        self.keys = list(keys)
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def set_epoch(self, epoch, start_batch=0):
+        pass
+
+
+@pytest.mark.parametrize("augment,data", [("imagenet", "jpegs"), ("imagenet", "lt_source"),
+                                          ("moco", "jpegs")])
+def test_dali_train_pixels_depend_on_the_sample_seed_only(augment, data, request, betons):
+    """Every DALI draw (crop window, flip, MoCo's colour stage) comes from the sample's seed:
+    the same (index, seed) gives the same pixels in the next epoch, from a loader with another
+    loader seed, batch size and key order; other seeds give other crops."""
+    need("dali")
+    src = request.getfixturevalue(data)
+    n, kw = min(len(src), 96), dict(size=48 if data == "jpegs" else 28,
+                                    stats="imagenet" if data == "jpegs" else "fashion_mnist")
+    keys = [(i, 1000 + 7919 * i) for i in range(n)]
+
+    def per_item(loader):
+        out = {}
+        for x, _ in loader:
+            out.update(zip(torch.as_tensor(loader.batch_indices).tolist(), x.clone()))
+        assert sorted(out) == list(range(n))
+        return out
+
+    a = make("dali", src, augment, True, _FixedKeys(keys), betons, batch=16, **kw)
+    first, again = per_item(a), per_item(a)
+    other = per_item(make("dali", src, augment, True, _FixedKeys(keys[::-1]), betons, batch=12,
+                          seed=99, **kw))
+    changed = [i for i in range(n)
+               if not (torch.equal(first[i], again[i]) and torch.equal(first[i], other[i]))]
+    assert not changed, f"{len(changed)} of {n} samples changed, e.g. {changed[:5]}"
+    reseeded = per_item(make("dali", src, augment, True,
+                             _FixedKeys([(i, s + 1) for i, s in keys]), betons, batch=16, **kw))
+    assert sum(not torch.equal(first[i], reseeded[i]) for i in range(n)) >= 0.9 * n
+
+
+def test_dali_reads_image_sizes_from_the_header(tmp_path):
+    """The feeder needs each file's size for its crop window: a JPEG's frame header (after
+    EXIF / ICC segments; baseline, progressive, gray), other formats through PIL."""
+    need("dali")
+    from PIL import Image
+
+    from ltrainer.data_pipelines.dali_graph import encoded_hw
+
+    rng = np.random.default_rng(0)
+    cases = [("RGB", "a.jpg", {"quality": 90}), ("RGB", "b.jpg", {"progressive": True}),
+             ("L", "c.jpg", {}), ("RGB", "d.jpg", {"icc_profile": os.urandom(60000),
+                                                   "exif": Image.Exif().tobytes()}),
+             ("RGB", "e.png", {}), ("L", "f.bmp", {})]
+    for k, (mode, name, kw) in enumerate(cases):
+        h, w = 37 + 11 * k, 90 - 7 * k
+        shape = (h, w, 3) if mode == "RGB" else (h, w)
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(
+            tmp_path / name, **kw)
+        assert encoded_hw(np.fromfile(tmp_path / name, np.uint8)) == (h, w), name
 
 
 def test_write_beton_cli_is_atomic_and_names_the_bad_file(bad_list, jpegs, tmp_path, capsys):
