@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import random
 
@@ -69,6 +70,11 @@ def atomic_write(path: str, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json_atomic(path: str, obj):
+    """`obj` as indented JSON, atomically (the one JSON writer for files a run relies on)."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def atomic_save(obj, path: str):

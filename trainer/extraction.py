@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed as dist_utils
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, write_json_atomic
 
 MANIFEST = "manifest.json"
 _HEAP = {"depth": 0}
@@ -60,7 +60,7 @@ def bounded_heap():
     a heap with long-lived blocks interleaved keeps the freed ones: a 427 MB kNN bank cost
     1.2-1.8 GB of RSS per rank (README "Scale"). On leaving: a fixed 32 MB threshold (where
     glibc's own would end up) and the heap's free top trimmed, so training, whose every
-    allocation would cost an mmap / munmap under 64 KB (+30 % CPU time in tools/bench_train.py),
+    allocation would cost an mmap / munmap under 64 KB (+35-50 % CPU time: bench_train --heap),
     is not slowed. Reentrant; a no-op where mallopt does not exist."""
     first = _HEAP["depth"] == 0
     if first:
@@ -210,17 +210,13 @@ def read_json(path: str) -> dict:
         raise ExtractionError(f"{path}: not valid JSON ({e})") from None
 
 
-def write_json(path: str, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
 def check_manifest(part: str, identity: dict, create: bool = True) -> str | None:
     """Create the partial pass's manifest, or say why an existing one is another pass."""
     mpath = os.path.join(part, MANIFEST)
     if not os.path.isfile(mpath):
         if create:
             os.makedirs(part, exist_ok=True)
-            write_json(mpath, identity)
+            write_json_atomic(mpath, identity)
         return None
     old = read_json(mpath)
     diff = [k for k in identity if k != "checkpoint" and old.get(k) != identity[k]]

@@ -26,7 +26,7 @@ import time
 
 import yaml
 
-from .checkpoint import LAST, disk_errors
+from .checkpoint import LAST, disk_errors, write_json_atomic
 from .resume_rules import RESUMABLE
 from .results import PER_CLASS, RESULTS  # noqa: F401  (its files)
 
@@ -377,9 +377,3 @@ def remove_stale_temps(run_dir: str) -> list[str]:
     return removed
 
 
-def write_json_atomic(path: str, obj):
-    tmp = f"{path}.tmp"
-    with disk_errors(path):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)

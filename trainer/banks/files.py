@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..checkpoint import atomic_write
-from ..extraction import ExtractionError, read_json, write_json
+from ..checkpoint import atomic_write, write_json_atomic
+from ..extraction import ExtractionError, read_json
 from ..validation import finite_floats, first_sentence, int_labels
 
 FORMAT = "ltt-feature-bank"
@@ -96,7 +96,7 @@ def write_bank(path: str, features: np.ndarray, labels, header: dict | None = No
 def finish_bank(path, labels, indices, paths, header):
     for name, arr in (("labels", labels), ("indices", indices), ("paths", paths)):
         _write_npy(os.path.join(path, f"{name}.npy"), arr)
-    write_json(os.path.join(path, HEADER), header)
+    write_json_atomic(os.path.join(path, HEADER), header)
 
 
 def load_bank(path: str, mmap: bool = True) -> Bank:
