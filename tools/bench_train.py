@@ -7,11 +7,17 @@ with the same batch size, optimizer and number of threads; the bare loop is the 
 user would write (DataLoader with shuffle, forward, CE, backward, SGD step). The engine adds
 its sampler, lr schedule, logging, loss checks and per-epoch checkpoint. Each side runs
 `--repeats` times, alternating, and the best epoch time of each is compared.
+
+`--heap` sets glibc's mmap threshold first (trainer/extraction.py: bounded_heap): `glibc` leaves
+glibc's dynamic one, `after-pass` is what training sees after a split-wide pass (fixed 32 MB,
+heap trimmed), `small` keeps the passes' 64 KB on for training. The last line gives the
+process's user and system CPU seconds, which other jobs on a shared machine hardly move.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -50,6 +56,17 @@ def engine_epoch(trainer: Trainer) -> tuple[float, int]:
     return CLOCK[0]() - t0, steps * trainer.cfg.data.batch_size
 
 
+def set_heap(mode: str) -> None:
+    """glibc's mmap threshold for the run: see --heap."""
+    from ltrainer.trainer import extraction
+
+    if mode == "after-pass":
+        with extraction.bounded_heap():
+            pass
+    elif mode == "small":
+        extraction._mallopt(extraction.M_MMAP_THRESHOLD, extraction.HEAP_MMAP_THRESHOLD)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("config", nargs="?", default=os.path.join(ROOT, "configs", "fmnist_lt_ce.yaml"))
@@ -57,9 +74,12 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: this process's CPU seconds (time.process_time), which other "
                         "jobs on a shared machine hardly move; fair with data.workers: 0")
+    p.add_argument("--heap", choices=("glibc", "after-pass", "small"), default="glibc",
+                   help="glibc's mmap threshold during the run (see above)")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)   # key=value overrides may follow options
     CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
+    set_heap(args.heap)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(args.config, [f"run.out_dir={tmp}", "engine.progress=none",
                                         "sched.warmup_epochs=0", *args.overrides])
@@ -82,6 +102,9 @@ def main(argv=None) -> int:
     for k, v in rates.items():
         print(f"| {k} | {best[k]:.0f} | {', '.join(f'{x:.0f}' for x in v)} |")
     print(f"ratio engine / bare loop: {best['engine'] / best['bare loop']:.3f}")
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"heap {args.heap}: CPU time user {use.ru_utime:.1f} s + system {use.ru_stime:.1f} s "
+          f"= {use.ru_utime + use.ru_stime:.1f} s")
     return 0
 
 
