@@ -17,20 +17,19 @@ header's stored height and width are the decoded image's.
 """
 from __future__ import annotations
 
-import io
 
 import numpy as np
 from nvidia.dali import fn, types
 
 from .augment import RRC_RATIO, AugmentSpec
 from .batch_aug import rrc_windows, view_seeds
+from .image_header import encoded_hw
 from .sources import DataError
 
 # The resize after the crop: antialiased linear (a triangle filter scaled to the reduction
 # when downscaling, as torchvision's antialias=True bilinear), chosen by the profile in
 # README's "Benchmarks".
 RESIZE = {"interp_type": types.INTERP_LINEAR, "antialias": True}
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame markers
 
 
 def crop_views(spec: AugmentSpec) -> tuple:
@@ -59,32 +58,6 @@ def image_size(arr: np.ndarray, encoded: bool) -> tuple:
     except Exception as exc:  # noqa: BLE001  (PIL raises many kinds)
         return None, f"cannot read its size from the header: {type(exc).__name__}: {exc}"
 
-
-def encoded_hw(data: np.ndarray) -> tuple[int, int]:
-    """(height, width) as stored in an encoded image: a JPEG's start-of-frame marker (found by
-    walking the segment headers: microseconds), else PIL's lazy open (header only)."""
-    b = memoryview(data)
-    if len(b) > 3 and b[0] == 0xFF and b[1] == 0xD8:
-        i, n = 2, len(b)
-        while i + 9 <= n and b[i] == 0xFF:
-            m = b[i + 1]
-            if m == 0xFF:                       # fill byte
-                i += 1
-            elif m == 0x01 or 0xD0 <= m <= 0xD8:    # segments without a length
-                i += 2
-            elif m in _SOF:
-                h, w = (b[i + 5] << 8) | b[i + 6], (b[i + 7] << 8) | b[i + 8]
-                if h and w:
-                    return h, w
-                break                           # height 0: given later (DNL); ask PIL
-            elif m in (0xD9, 0xDA):             # end, or scan data before any frame
-                break
-            else:
-                i += 2 + ((b[i + 2] << 8) | b[i + 3])
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data.tobytes())) as im:
-        return im.size[1], im.size[0]
 
 
 def _to_channels(img, have: int, want: int):

@@ -4,7 +4,8 @@ Why: the generic path (PIL full decode -> convert -> tensor -> v2 RandomResizedC
 float -> Normalize -> per-sample collate) spends several copies of the full image on every
 sample and cannot shrink the decode. Here each sample is
 
-1. opened lazily (the header gives the size; nothing is decoded yet);
+1. read once; its size taken from the header (image_header.jpeg_frame for JPEGs, without
+   PIL; PIL's lazy open otherwise): nothing is decoded yet;
 2. given its crop box in full-resolution coordinates, drawn by ``v2.RandomResizedCrop``'s
    own ``make_params`` from the header's size under the same per-sample seed as the generic
    path (or, for evaluation, the box that ``Resize(256/224 * size)`` + ``CenterCrop(size)``
@@ -28,6 +29,7 @@ prefilter (see tests/test_decode.py for the tolerances).
 """
 from __future__ import annotations
 
+import io
 import math
 import warnings
 
@@ -36,6 +38,7 @@ import torch
 
 from .augment import RRC_RATIO
 from .flat import flatten_source
+from .image_header import jpeg_frame
 from .sources import DataError
 
 
@@ -61,15 +64,41 @@ def draft_scale(box_w: float, box_h: float, out: int) -> int:
 
 
 def decode_crop(path: str, box_of, out: int, edge: bool) -> torch.Tensor:
-    """uint8 [C, out, out] (C = 3, or 1 for a gray file) of the file's crop; ``box_of(image)``
-    gives (left, top, right, bottom) in full-resolution pixels from the opened, not yet
-    decoded image. ``edge``: the filter stops at the box (RandomResizedCrop crops, then
+    """uint8 [C, out, out] (C = 3, or 1 for a gray file) of the file's crop; ``box_of(width,
+    height)`` gives (left, top, right, bottom) in full-resolution pixels (called once, before
+    anything is decoded). ``edge``: the filter stops at the box (RandomResizedCrop crops, then
     resizes); else it reads the pixels around it (Resize, then CenterCrop)."""
+    data = np.fromfile(path, dtype=np.uint8)       # read once: header, then decode
+    cv2 = _cv2() if edge else None
+    frame = jpeg_frame(data) if cv2 is not None else None
+    if frame is not None and frame[2] == 3:        # a colour JPEG: no PIL at all
+        height, width = frame[0], frame[1]
+        box = box_of(width, height)
+        if (draft_scale(box[2] - box[0], box[3] - box[1], out) == 1
+                and all(float(v).is_integer() for v in box)
+                and b"\xff\xd9" in data[-64:].tobytes()):   # truncated: PIL raises
+            return _crop_resize_cv2(cv2, data, box, height, width, out)
+        return _decode_pil(data, lambda w, h: box, out, edge)
+    return _decode_pil(data, box_of, out, edge)
+
+
+def _crop_resize_cv2(cv2, data, box, height: int, width: int, out: int) -> torch.Tensor:
+    """OpenCV's libjpeg-turbo decode (the same pixels as PIL's, ~25% less CPU, no copy out),
+    the integer box cut, torch's uint8 antialiased resize (as the generic path's)."""
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None or bgr.shape[:2] != (height, width):
+        raise ValueError("OpenCV cannot decode it")
+    t, b, l, r = (int(v) for v in (box[1], box[3], box[0], box[2]))
+    return _resize_u8(torch.from_numpy(bgr)[t:b, l:r], out).flip(0)   # BGR -> RGB
+
+
+def _decode_pil(data, box_of, out: int, edge: bool) -> torch.Tensor:
+    """PIL's path: any format; a JPEG reduced in the DCT domain when the box allows."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(data.tobytes())) as im:
         width, height = im.size
-        box = box_of(im)
+        box = box_of(width, height)
         s = draft_scale(box[2] - box[0], box[3] - box[1], out)
         if s > 1 and im.format == "JPEG":
             got = im.draft(im.mode, (width // s, height // s))
@@ -83,19 +112,7 @@ def decode_crop(path: str, box_of, out: int, edge: bool) -> torch.Tensor:
         # An integer box (the train crop at full resolution): torch's uint8 antialiased
         # resize (AVX2, ~2x faster than PIL's) on the HWC pixels, no resampling at the edges
         t, b, l, r = (int(v) for v in (box[1], box[3], box[0], box[2]))
-        full = im.size == (width, height)            # no DCT reduction: OpenCV may decode
-        cv2 = _cv2() if full and im.format == "JPEG" and im.mode == "RGB" else None
-        if cv2 is not None:
-            data = np.fromfile(path, dtype=np.uint8)
-            if b"\xff\xd9" not in data[-64:].tobytes():
-                cv2 = None    # truncated: OpenCV would fill it in grey; PIL raises
-        if cv2 is None:
-            return _resize_u8(_hwc(im)[t:b, l:r], out)
-    # OpenCV's libjpeg-turbo decode: the same pixels as PIL's, ~25% less CPU, no copy out
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None or bgr.shape[:2] != (height, width):
-        raise ValueError("OpenCV cannot decode it")
-    return _resize_u8(torch.from_numpy(bgr)[t:b, l:r], out).flip(0)   # BGR -> RGB
+        return _resize_u8(_hwc(im)[t:b, l:r], out)
 
 
 def _crop_resize_pil(im, box, out: int, edge: bool) -> torch.Tensor:
@@ -193,12 +210,12 @@ class CropDecodeDataset(torch.utils.data.Dataset):
     def _decode(self, index: int) -> torch.Tensor:
         """The crop of item ``index``, uint8 [C, S, S], flipped if drawn so."""
         if self.train:
-            def box_of(im):
-                p = self.rrc.make_params([im])        # reads only the size
+            def box_of(width, height):                # make_params reads only the size
+                p = self.rrc.make_params([torch.empty(1, 1, 1).expand(1, height, width)])
                 return (p["left"], p["top"], p["left"] + p["width"], p["top"] + p["height"])
         else:
-            def box_of(im):
-                return eval_box(im.size[1], im.size[0], self.size, self.eval_resize)
+            def box_of(width, height):
+                return eval_box(height, width, self.size, self.eval_resize)
         try:
             img = decode_crop(self.flat.path(index), box_of, self.size, edge=self.train)
             if img.shape[0] == 1 and self.channels == 3:
@@ -233,3 +250,4 @@ class CropDecodeDataset(torch.utils.data.Dataset):
 def collate_batch(batch):
     """The batch `CropDecodeDataset.__getitems__` already assembled."""
     return batch
+

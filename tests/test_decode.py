@@ -150,3 +150,29 @@ def test_loader_uses_it_and_keeps_batches(tmp_path):
     for (xa, ya), (xb, yb) in zip(generic, fast):
         assert torch.equal(ya, yb)
         assert _levels(xa, xb, STD).max().item() <= 1.01
+
+
+def test_colour_jpeg_train_crop_needs_no_pil(tmp_path, monkeypatch):
+    """A colour JPEG's train crop takes its size from the frame header and is decoded by
+    OpenCV: PIL is never opened (its lazy open parsed the header in Python; the pixels against
+    the generic path are the tests above'), and a gray JPEG still goes through PIL."""
+    pytest.importorskip("cv2")
+    import PIL.Image
+
+    rng = np.random.default_rng(3)
+    src = _files(tmp_path, [_photo(rng, 500, 375), _photo(rng, 375, 500)])
+    _, fast, _ = _pair(src, True)
+    keys = [(0, 11), (1, 12)]
+    want = fast.__getitems__(keys)[0]
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("PIL opened"))
+    got = fast.__getitems__(keys)[0]
+    assert torch.equal(got, want)
+    gray = tmp_path / "gray.JPEG"
+    Image.fromarray(_photo(rng, 300, 260)[:, :, 0]).save(gray)
+    opened = []
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    g = CropDecodeDataset(AugmentedDataset(FileSource(str(tmp_path), ["gray.JPEG"], [0], 1, "g"),
+                                           build_transform("imagenet", True, 224, MEAN, STD, 3)),
+                          augment_spec(CFG, True, 3))
+    assert g.__getitems__([(0, 5)])[0].shape == (1, 3, 224, 224) and opened

@@ -362,13 +362,13 @@ def test_dali_train_pixels_depend_on_the_sample_seed_only(augment, data, request
     assert sum(not torch.equal(first[i], reseeded[i]) for i in range(n)) >= 0.9 * n
 
 
-def test_dali_reads_image_sizes_from_the_header(tmp_path):
-    """The feeder needs each file's size for its crop window: a JPEG's frame header (after
-    EXIF / ICC segments; baseline, progressive, gray), other formats through PIL."""
-    need("dali")
+def test_image_sizes_from_the_header(tmp_path):
+    """DALI's feeder and the torchvision fast path need each file's size for its crop window:
+    a JPEG's frame header (after EXIF / ICC segments; baseline, progressive, gray, with its
+    component count), other formats through PIL."""
     from PIL import Image
 
-    from ltrainer.data_pipelines.dali_graph import encoded_hw
+    from ltrainer.data_pipelines.image_header import encoded_hw, jpeg_frame
 
     rng = np.random.default_rng(0)
     cases = [("RGB", "a.jpg", {"quality": 90}), ("RGB", "b.jpg", {"progressive": True}),
@@ -380,7 +380,11 @@ def test_dali_reads_image_sizes_from_the_header(tmp_path):
         shape = (h, w, 3) if mode == "RGB" else (h, w)
         Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(
             tmp_path / name, **kw)
-        assert encoded_hw(np.fromfile(tmp_path / name, np.uint8)) == (h, w), name
+        data = np.fromfile(tmp_path / name, np.uint8)
+        assert encoded_hw(data) == (h, w), name
+        jpeg = name.endswith(".jpg")
+        assert jpeg_frame(data) == ((h, w, 3 if mode == "RGB" else 1) if jpeg else None), name
+    assert jpeg_frame(b"\xff\xd8\xff") is None and jpeg_frame(np.zeros(0, np.uint8)) is None
 
 
 def test_write_beton_cli_is_atomic_and_names_the_bad_file(bad_list, jpegs, tmp_path, capsys):
