@@ -1,6 +1,8 @@
 """The table runners: runs in parallel, each in its own folder and log, then one summary."""
 import os
 
+import pytest
+
 from tests.conftest import ROOT, needs_fmnist
 from ltrainer.tools import run_table
 
@@ -54,3 +56,27 @@ def test_semi_table_runs_its_cells_and_writes_table_and_curve(tiny, tmp_path):
     # the labels stage of a method trained once and was shared by its two cells
     assert len(list(out.glob("ce_labels_s0/*/labels/results.json"))) == 1
     assert len(list(out.glob("ce_rho_u*_s0/*/both/results.json"))) == 2
+
+
+def test_compare_runs_tells_a_difference_from_seed_noise(tmp_path, capsys):
+    """tools/compare_runs.py: 2 standard errors of the difference of the means decide."""
+    import json
+
+    from ltrainer.tools import compare_runs
+
+    errors = {"a_s0": 20.0, "a_s1": 21.0, "a_s2": 22.0,      # mean 21, std 1
+              "b_s0": 30.0, "b_s1": 31.0, "b_s2": 32.0,      # mean 31: 10 points away
+              "c_s0": 21.5, "c_s1": 22.5, "c_s2": 20.5}      # mean 21.5: within noise of a
+    for name, err in errors.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"name": name, "balanced_error": err}))
+    assert compare_runs.main([str(tmp_path), "--pair", "a", "b", "--pair", "a", "c",
+                              "--pair", "b", "a"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    assert [r.rsplit("|", 2)[1].strip() for r in rows] == ["A lower", "within noise", "A higher"]
+    assert "-10.00" in rows[0] and "21.00 ± 1.00 (3)" in rows[0]
+    c = compare_runs.compare({"x": [1.0, 2.0, 3.0], "y": [5.0]}, "x", "y")   # y borrows x's std
+    assert c["std_b"] == 1.0 and abs(c["se"] - (1 / 3 + 1) ** 0.5) < 1e-12
+    with pytest.raises(SystemExit, match="no runs of group 'z'"):
+        compare_runs.compare({"x": [1.0]}, "x", "z")
