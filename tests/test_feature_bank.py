@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import KILL_PLUGINS, ROOT, needs_fmnist
+from tests.conftest import KILL_PLUGINS, ROOT, needs_fmnist, tiny_overrides
 from ltrainer.trainer.banks import analysis as bank_analysis
 from ltrainer.trainer.banks import extract as bank_extract
 from ltrainer.trainer.banks import files as bank_files
@@ -135,6 +135,39 @@ def test_killed_extraction_resumes_to_same_bank(tiny_run, tmp_path, monkeypatch)
     with pytest.raises(bank_files.BankError, match="already holds a complete bank that differs"):
         bank_extract.extract_run(tiny_run, out, chunk_size=64, dtype="float16", progress=False)
     assert bank_extract.extract_run(tiny_run, out, chunk_size=32, progress=False) == out  # no-op
+
+
+@needs_fmnist
+@pytest.mark.parametrize("name", ["mean_teacher", "self_training"])
+def test_a_semi_supervised_run_is_rebuilt_with_its_pool(name, tmp_path, small_test_list):
+    """A method that reads the unlabeled pool (needs().pool) gets it when the bank tools rebuild
+    its run, so they work on semi-supervised run folders (self-training: with its
+    pseudo-labels): the bank equals a forward pass, and the pool labels itself (label_run)."""
+    from ltrainer.data_pipelines.unlabeled_pool import build_pool
+    from ltrainer.trainer import pseudo_labels
+    from ltrainer.trainer.banks.label_pool import label_run
+    from ltrainer.trainer.config import load_config
+    from ltrainer.trainer.engine import train
+    over = tiny_overrides(tmp_path, small_test_list) + [
+        "model.name=mlp", "semi.size=1", "semi.rho_u=10", "semi.unlabeled_ratio=0.5",
+        f"method.name={name}", "engine.max_steps=2", "eval.every_epochs=0", "run.name=semi"]
+    if name == "self_training":
+        over.append(f"semi.pseudo_labels={tmp_path / 'pl.npz'}")
+        pool = build_pool(*(lambda c: (c.data, c.semi))(load_config(CE, over)))
+        probs = np.random.RandomState(0).dirichlet(np.ones(pool.num_classes), len(pool))
+        pseudo_labels.save(str(tmp_path / "pl.npz"), pseudo_labels.from_probs(
+            probs, pool.hidden, pool_fingerprint=pool.fingerprint))
+    train(load_config(CE, over))
+    run_dir = str(tmp_path / "semi")
+    run = bank_runs.load_run_model(run_dir)
+    assert run.method.pool is not None and len(run.method.pool) > 0
+    bank = bank_files.load_bank(bank_extract.extract_run(run_dir, str(tmp_path / "bank"),
+                                                         progress=False))
+    feats, _, labels = direct_forward(run_dir)
+    np.testing.assert_allclose(bank.features, feats, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(bank.labels, labels)
+    report = label_run(run_dir, str(tmp_path / "again.npz"), progress=False)
+    assert report == pseudo_labels.accuracy_report(pseudo_labels.load(str(tmp_path / "again.npz")))
 
 
 # ============================================================================ bank format

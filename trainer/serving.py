@@ -90,15 +90,22 @@ def build_method(cfg, data, device, memory_format=torch.contiguous_format
                  ) -> tuple[Method, Supply]:
     """The configured method and its Supply, built from what it declares."""
     needs = method_class(cfg).needs(cfg)
-    pool = build_pool(cfg.data, cfg.semi) if needs.pool else None
-    method = create_method(cfg, TaskShape.of(data), device, pool=pool)
+    method = create_declared(cfg, data, device)
     if needs.pool_split:
-        data.evals[needs.pool_split] = data.make_dataset(pool.source, False)
+        data.evals[needs.pool_split] = data.make_dataset(method.pool.source, False)
     stream = None
     if needs.unlabeled_batch:
         stream = unlabeled_stream(cfg, data, method, needs.unlabeled_batch, device,
                                   memory_format)
     return method, Supply(method, data, stream)
+
+
+def create_declared(cfg, data, device) -> Method:
+    """The configured method with what its constructor takes (the pool, when needs() asks for
+    it), without what only training serves (the unlabeled stream, the pool split): also how
+    the bank tools rebuild a finished run's model (trainer/banks/runs.py)."""
+    pool = build_pool(cfg.data, cfg.semi) if method_class(cfg).needs(cfg).pool else None
+    return create_method(cfg, TaskShape.of(data), device, pool=pool)
 
 
 def unlabeled_stream(cfg, data, method, u_global: int, device, memory_format):

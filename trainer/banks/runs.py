@@ -17,8 +17,8 @@ from ltrainer.data_pipelines.sources import SubsetSource, open_source
 
 from ..config import load_config
 from ..extraction import read_json
-from ..methods import create_method
 from ..results import PER_CLASS, load_per_class
+from ..serving import create_declared
 from ..transfer import final_weights, read_weights
 from .files import BankError
 
@@ -79,12 +79,13 @@ class RunModel:
 
 
 def load_run_model(run_dir: str, checkpoint: str | None = None, device="cpu") -> RunModel:
-    """Rebuild the run's model through its method (so any method works) and load weights."""
+    """Rebuild the run's model through its method (so any method works, the semi-supervised
+    ones with their unlabeled pool: serving.create_declared) and load weights."""
     cfg = run_config(run_dir)
     ckpt = os.path.abspath(checkpoint or default_checkpoint(run_dir))
     data = build_data(cfg.data, eval_splits=())
     device = torch.device(device)
-    method = create_method(cfg, data, device)
+    method = create_declared(cfg, data, device)
     model = method.model
     try:
         model.load_state_dict(load_model_state(ckpt))
