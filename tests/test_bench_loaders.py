@@ -28,3 +28,34 @@ def test_beton_settings_parse_and_bad_key_is_one_line():
         "mode": "jpg", "jpeg_quality": 75, "max_side": 400}
     with pytest.raises(SystemExit, match="unknown setting 'qualty'"):
         parse_beton("qualty=75")
+
+
+def test_profile_dali_prints_a_row_per_variant(tmp_path, capsys):
+    """tools/profile_dali.py (the README's DALI profile) on a tiny set: every variant's row,
+    with CPU ms/img > 0, and its '+' rows' parts over their base rows."""
+    pytest.importorskip("nvidia.dali")
+    from ltrainer.tools.profile_dali import main
+
+    assert main(["--work-dir", str(tmp_path), "--n", "16", "--batch", "8", "--rounds", "1"]) == 0
+    table = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| ") and not line.startswith("| variant")]
+    rows = {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in table}
+    resize = ["linear + antialias (the graph's)", "triangular", "cubic", "lanczos",
+              "linear, no antialias"]
+    want = (["bare: full decode", "bare: ROI decode (image_slice, seeded window)"]
+            + [f"+ resize, {f}" for f in resize]
+            + ["+ normalise: the seeded train graph (dali_graph.graph)",
+               "bare: image_random_crop + resize + normalise",
+               "bare MoCo: full decode, 2 x (slice + resize)",
+               "bare MoCo: full decode, 2 x resize of the window as ROI (the graph's)"]
+            + [f"DaliLoader: {t}, prefetch 2" for t in ("1 thread", "3 threads", "4 threads")]
+            + ["DaliLoader: 2 threads, prefetch 2 (defaults)"]
+            + [f"DaliLoader: 2 threads, prefetch {p}" for p in (1, 3, 4)])
+    assert sorted(rows) == sorted(want)
+    for name, (ms, median, part, x, rate) in rows.items():
+        assert float(ms) > 0 and float(median) >= float(ms) and float(rate) > 0, name
+        assert (part == "-") == (not name.startswith("+")), name
+    roi = float(rows["bare: ROI decode (image_slice, seeded window)"][0])
+    cubic = rows["+ resize, cubic"]
+    assert abs(float(cubic[0]) - roi - float(cubic[2])) < 0.015
+    assert rows["+ normalise: the seeded train graph (dali_graph.graph)"][3] == "1.00"
