@@ -38,7 +38,7 @@ fidelity-tables: setup
 	$(PY) tools/run_table.py --out runs/fidelity_ssp --jobs 2 --seeds 0 1 2 --configs \
 	  configs/fmnist_lt_baselines.yaml configs/fmnist_lt_moco_crt.yaml
 	$(PY) tools/run_semi_table.py --out runs/fidelity_semi --jobs 2 --seeds 0 1 2 \
-	  --rho-u 1 2rho --no-relevance
+	  --rho-u 1 2rho --relevance 0
 
 # Representation of CE without and with MoCo pre-training (needs `make ssp-table`).
 A ?= runs/ssp_table/fmnist_lt_baselines_s0/ce

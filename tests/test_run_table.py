@@ -56,6 +56,12 @@ def test_semi_table_runs_its_cells_and_writes_table_and_curve(tiny, tmp_path):
     # the labels stage of a method trained once and was shared by its two cells
     assert len(list(out.glob("ce_labels_s0/*/labels/results.json"))) == 1
     assert len(list(out.glob("ce_rho_u*_s0/*/both/results.json"))) == 2
+    # `--rho-u` with no value: the relevance curve alone (its cells are finished: collected)
+    assert run_semi_table.main([*over, "model.name=mlp", "sched.epochs=1",
+                                "sched.warmup_epochs=0", "sched.milestones=[]",
+                                "--out", str(out), "--rho-u", "--relevance", "0.5"]) == 0
+    table = (out / "semi_table.md").read_text()
+    assert "D_U@4x |" not in table and "| CE + D_U | " in table
 
 
 def test_compare_runs_tells_a_difference_from_seed_noise(tmp_path, capsys):

@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--relevance-config",
                    default=os.path.join(ROOT, "configs", "fmnist5_lt_relevance.yaml"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--rho-u", nargs="+", default=["1", "rho/2", "rho", "2rho"])
+    p.add_argument("--rho-u", nargs="*", default=["1", "rho/2", "rho", "2rho"],
+                   help="Table 1's columns; none (`--rho-u` alone): the relevance curve only")
     p.add_argument("--relevance", nargs="+", type=float, default=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
     p.add_argument("--no-relevance", action="store_true", help="only Table 1")
     p.add_argument("--out", default=os.path.join("runs", "semi_table"))
@@ -187,7 +188,8 @@ def main(argv=None) -> int:
     size = first.semi.size
     os.makedirs(args.out, exist_ok=True)
     md = [f"Balanced test error (%), {first.data.source} rho = {first.data.rho:g}, "
-          f"D_U@{size:g}x:", "", table1(rows, columns, size), "", details(rows, pseudo)]
+          f"D_U@{size:g}x:", "", table1(rows, columns, size), "", details(rows, pseudo)] \
+        if columns else []
     if rel:
         rel_rows = summarize(rel)
         pts = [(v, r["balanced_error"], r["balanced_error_std"]) for v in args.relevance
