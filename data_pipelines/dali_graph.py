@@ -80,8 +80,8 @@ def _normalize(img, spec: AugmentSpec, mirror=None, crop=None):
 
 def _resized(img, size: int, window=None):
     """The image, or its ``window`` (anchor and shape nodes, "HW"), resized to size x size.
-    A window is the resize's region of interest rather than a slice first: ~10% less CPU per
-    MoCo view (no copy); its filter then reads the real pixels just outside the window where
+    A window is the resize's region of interest rather than a slice first: no copy (3% less
+    CPU for MoCo's two views in tools/profile_dali.py); its filter then reads the real pixels just outside the window where
     crop-then-resize repeats the edge (the outermost output pixels differ, as they did with
     DALI's own random_resized_crop, which resizes the same way)."""
     if window is None:
