@@ -40,11 +40,11 @@ fidelity-tables: setup
 	$(PY) tools/run_semi_table.py --out runs/fidelity_semi --jobs 2 --seeds 0 1 2 \
 	  --rho-u 1 2rho --relevance 0
 
-# Representation of CE without and with MoCo pre-training (needs `make ssp-table`).
-A ?= runs/ssp_table/fmnist_lt_baselines_s0/ce
-B ?= runs/ssp_table/fmnist_lt_moco_crt_s0/ce
+# Representation of CE without and with MoCo pre-training (needs `make fidelity-tables`).
+A ?= runs/fidelity_ssp/fmnist_lt_baselines_s0/ce
+B ?= runs/fidelity_ssp/fmnist_lt_moco_crt_s0/ce
 inspect: setup
-	$(PY) tools/inspect_pair.py $(A) $(B) --names CE "CE + MoCo" --out docs/inspect
+	$(PY) tools/inspect_pair.py $(A) $(B) --names CE "CE + MoCo" --out docs/inspect_ce_vs_moco
 
 bench: setup
 	$(PY) tools/bench_train.py
