@@ -82,6 +82,9 @@ def test_compare_runs_tells_a_difference_from_seed_noise(tmp_path, capsys):
     rows = capsys.readouterr().out.strip().splitlines()[2:]
     assert [r.rsplit("|", 2)[1].strip() for r in rows] == ["A lower", "within noise", "A higher"]
     assert "-10.00" in rows[0] and "21.00 ± 1.00 (3)" in rows[0]
+    assert compare_runs.main([str(tmp_path), "--pair", str(tmp_path / "a_s*"),
+                              str(tmp_path / "b_s*")]) == 0               # groups as globs
+    assert capsys.readouterr().out.strip().splitlines()[2].endswith("| A lower |")
     c = compare_runs.compare({"x": [1.0, 2.0, 3.0], "y": [5.0]}, "x", "y")   # y borrows x's std
     assert c["std_b"] == 1.0 and abs(c["se"] - (1 / 3 + 1) ** 0.5) < 1e-12
     with pytest.raises(SystemExit, match="no runs of group 'z'"):

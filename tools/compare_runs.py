@@ -4,7 +4,9 @@
         --pair fmnist_lt_baselines/ldam_drw fmnist_lt_baselines/ce [--pair A B ...]
 
 Groups are collect_results.py's (config name with the seed removed, e.g. "fmnist_lt_ce" or
-"fmnist_lt_baselines/crt"). For each pair: mean +- std of each group over its seeds, the
+"fmnist_lt_baselines/crt"), or glob patterns of run folders (a group holding "*"), for runs
+whose config names do not tell them apart (run_semi_table.py's cells, e.g.
+"runs/fidelity_semi/ce_rho_u1_s*/*/both"). For each pair: mean +- std of each group over its seeds, the
 difference A - B of the means, its standard error sqrt(sA^2/nA + sB^2/nB), and the verdict:
 "A lower" / "A higher" when |difference| > 2 standard errors, else "within noise". With 3
 seeds a side this is a rough screen (about a 95 % two-sided test if the spreads were known),
@@ -13,7 +15,10 @@ not a proof; a group with one seed has no spread of its own and borrows the othe
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import math
+import os
 import statistics
 import sys
 
@@ -46,6 +51,11 @@ def main(argv=None) -> int:
     for r in find_results(args.paths):
         if r.get("balanced_error") is not None:
             values.setdefault(group_name(r), []).append(float(r["balanced_error"]))
+    for pattern in {g for pair in args.pair for g in pair if "*" in g}:
+        runs = sorted(glob.glob(os.path.join(pattern, "results.json")))
+        values[pattern] = [float(json.load(open(f))["balanced_error"]) for f in runs]
+        if not values[pattern]:
+            del values[pattern]
     print("| A | B | A: balanced error % | B | A - B | 2 SE | verdict |")
     print("|---|---|---|---|---|---|---|")
     for a, b in args.pair:
