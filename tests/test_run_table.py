@@ -76,7 +76,7 @@ def test_compare_runs_tells_a_difference_from_seed_noise(tmp_path, capsys):
     for name, err in errors.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(
-            {"name": name, "balanced_error": err}))
+            {"name": name, "balanced_error": err, "seed": int(name[-1])}))
     assert compare_runs.main([str(tmp_path), "--pair", "a", "b", "--pair", "a", "c",
                               "--pair", "b", "a"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()[2:]
@@ -85,6 +85,13 @@ def test_compare_runs_tells_a_difference_from_seed_noise(tmp_path, capsys):
     assert compare_runs.main([str(tmp_path), "--pair", str(tmp_path / "a_s*"),
                               str(tmp_path / "b_s*")]) == 0               # groups as globs
     assert capsys.readouterr().out.strip().splitlines()[2].endswith("| A lower |")
+    # paired by seed: c - a = +1.5, +1.5, -1.5: mean +0.5, SE 1.0 -> within noise; b - a = +10
+    # every seed (no spread): beyond any noise
+    assert compare_runs.main([str(tmp_path), "--paired", "--pair", "c", "a", "--pair", "b",
+                              "a"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    assert "+1.50, +1.50, -1.50 (seeds 0, 1, 2) | +0.50 | 2.00 | within noise" in rows[0]
+    assert rows[1].endswith("| +10.00 | 0.00 | A higher |")
     c = compare_runs.compare({"x": [1.0, 2.0, 3.0], "y": [5.0]}, "x", "y")   # y borrows x's std
     assert c["std_b"] == 1.0 and abs(c["se"] - (1 / 3 + 1) ** 0.5) < 1e-12
     with pytest.raises(SystemExit, match="no runs of group 'z'"):

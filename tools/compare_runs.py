@@ -11,6 +11,9 @@ difference A - B of the means, its standard error sqrt(sA^2/nA + sB^2/nB), and t
 "A lower" / "A higher" when |difference| > 2 standard errors, else "within noise". With 3
 seeds a side this is a rough screen (about a 95 % two-sided test if the spreads were known),
 not a proof; a group with one seed has no spread of its own and borrows the other's.
+`--paired`: the per-seed differences instead (seeds both groups ran), their mean and 2 standard
+errors of it: the test to use when the two runs of a seed share a stage, as run_semi_table's
+cells share their labels-stage model, so its seed-to-seed spread cancels.
 """
 from __future__ import annotations
 
@@ -42,20 +45,44 @@ def compare(values: dict[str, list[float]], a: str, b: str) -> dict:
             "verdict": verdict}
 
 
+def compare_paired(seeded: dict[str, dict[int, float]], a: str, b: str) -> dict:
+    """Mean and standard error of the per-seed differences A - B over the common seeds."""
+    common = sorted(set(seeded.get(a, {})) & set(seeded.get(b, {})))
+    if len(common) < 2:
+        raise SystemExit(f"--paired: {a!r} and {b!r} share {len(common)} seed(s); need 2")
+    d = [seeded[a][k] - seeded[b][k] for k in common]
+    diff, se = statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d))
+    verdict = "within noise" if abs(diff) <= 2 * se else ("A lower" if diff < 0 else "A higher")
+    return {"a": a, "b": b, "seeds": common, "diffs": d, "diff": diff, "se": se,
+            "verdict": verdict}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("paths", nargs="+", help="folders holding finished runs (results.json)")
     p.add_argument("--pair", nargs=2, action="append", required=True, metavar=("A", "B"))
+    p.add_argument("--paired", action="store_true", help="per-seed differences (see above)")
     args = p.parse_args(argv)
-    values: dict[str, list[float]] = {}
-    for r in find_results(args.paths):
-        if r.get("balanced_error") is not None:
-            values.setdefault(group_name(r), []).append(float(r["balanced_error"]))
+    seeded: dict[str, dict[int, float]] = {}
+    found = list(find_results(args.paths))
     for pattern in {g for pair in args.pair for g in pair if "*" in g}:
-        runs = sorted(glob.glob(os.path.join(pattern, "results.json")))
-        values[pattern] = [float(json.load(open(f))["balanced_error"]) for f in runs]
-        if not values[pattern]:
-            del values[pattern]
+        for f in sorted(glob.glob(os.path.join(pattern, "results.json"))):
+            with open(f) as fh:
+                found.append({**json.load(fh), "_group": pattern})
+    for r in found:
+        if r.get("balanced_error") is not None:
+            g = seeded.setdefault(r.get("_group") or group_name(r), {})
+            g[int(r.get("seed", len(g)))] = float(r["balanced_error"])
+    if args.paired:
+        print("| A | B | per-seed A - B | mean | 2 SE | verdict |")
+        print("|---|---|---|---|---|---|")
+        for a, b in args.pair:
+            c = compare_paired(seeded, a, b)
+            diffs = ", ".join(f"{x:+.2f}" for x in c["diffs"])
+            print(f"| {a} | {b} | {diffs} (seeds {', '.join(map(str, c['seeds']))}) | "
+                  f"{c['diff']:+.2f} | {2 * c['se']:.2f} | {c['verdict']} |")
+        return 0
+    values = {g: list(v.values()) for g, v in seeded.items()}
     print("| A | B | A: balanced error % | B | A - B | 2 SE | verdict |")
     print("|---|---|---|---|---|---|---|")
     for a, b in args.pair:
