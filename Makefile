@@ -1,7 +1,7 @@
 # The two commands of the README. Both set up .venv (and apt packages) on first use.
 PY := .venv/bin/python
 
-.PHONY: setup demo test table ssp-table semi-table fidelity-tables inspect bench gpu-check clean
+.PHONY: setup demo test table ssp-table semi-table fidelity-tables fidelity-moco4x inspect bench gpu-check clean
 
 setup:
 	bash tools/setup_env.sh
@@ -39,6 +39,11 @@ fidelity-tables: setup
 	  configs/fmnist_lt_baselines.yaml configs/fmnist_lt_moco_crt.yaml
 	$(PY) tools/run_semi_table.py --out runs/fidelity_semi --jobs 2 --seeds 0 1 2 \
 	  --rho-u 1 2rho --relevance 0
+
+# The SSP table's MoCo point at 4x the pre-training epochs (one seed).
+fidelity-moco4x: setup
+	$(PY) tools/run_table.py pretrain.sched.epochs=120 engine.threads=1 --out runs/fidelity_moco4x \
+	  --jobs 1 --seeds 0 --configs configs/fmnist_lt_moco_crt.yaml
 
 # Representation of CE without and with MoCo pre-training (needs `make fidelity-tables`).
 A ?= runs/fidelity_ssp/fmnist_lt_baselines_s0/ce
