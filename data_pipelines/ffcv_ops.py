@@ -149,9 +149,9 @@ def index_bits(items: int) -> int:
 def crop_keys(indices: np.ndarray, seeds: np.ndarray, items: int) -> np.ndarray:
     """uint64 keys ``crop_seed << index_bits | index`` for SeededRandomResizedCrop: FFCV hands
     a decoder nothing per sample but the batch's indices, so the seed travels inside them."""
-    bits = index_bits(items)
-    crop = np.asarray(seeds, np.int64) & np.int64((1 << (63 - bits)) - 1)
-    return (crop.astype(np.uint64) << np.uint64(bits)) | np.asarray(indices, np.uint64)
+    crop = crop_seed_of(seeds, items)
+    return (crop.astype(np.uint64) << np.uint64(index_bits(items))) | \
+        np.asarray(indices, np.uint64)
 
 
 def crop_seed_of(seeds: np.ndarray, items: int) -> np.ndarray:

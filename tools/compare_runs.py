@@ -28,6 +28,11 @@ import sys
 from ltrainer.tools.collect_results import find_results, group_name
 
 
+def verdict(diff: float, se: float) -> str:
+    """Beyond 2 standard errors, or within noise."""
+    return "within noise" if abs(diff) <= 2 * se else ("A lower" if diff < 0 else "A higher")
+
+
 def compare(values: dict[str, list[float]], a: str, b: str) -> dict:
     """The pair's means, spreads, difference, standard error and verdict."""
     for g in (a, b):
@@ -39,10 +44,9 @@ def compare(values: dict[str, list[float]], a: str, b: str) -> dict:
     sa, sb = (sa if sa is not None else sb or 0.0), (sb if sb is not None else sa or 0.0)
     diff = statistics.mean(va) - statistics.mean(vb)
     se = math.sqrt(sa ** 2 / len(va) + sb ** 2 / len(vb))
-    verdict = "within noise" if abs(diff) <= 2 * se else ("A lower" if diff < 0 else "A higher")
     return {"a": a, "b": b, "mean_a": statistics.mean(va), "std_a": sa, "n_a": len(va),
             "mean_b": statistics.mean(vb), "std_b": sb, "n_b": len(vb), "diff": diff, "se": se,
-            "verdict": verdict}
+            "verdict": verdict(diff, se)}
 
 
 def compare_paired(seeded: dict[str, dict[int, float]], a: str, b: str) -> dict:
@@ -52,9 +56,8 @@ def compare_paired(seeded: dict[str, dict[int, float]], a: str, b: str) -> dict:
         raise SystemExit(f"--paired: {a!r} and {b!r} share {len(common)} seed(s); need 2")
     d = [seeded[a][k] - seeded[b][k] for k in common]
     diff, se = statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d))
-    verdict = "within noise" if abs(diff) <= 2 * se else ("A lower" if diff < 0 else "A higher")
     return {"a": a, "b": b, "seeds": common, "diffs": d, "diff": diff, "se": se,
-            "verdict": verdict}
+            "verdict": verdict(diff, se)}
 
 
 def main(argv=None) -> int:
