@@ -14,12 +14,15 @@ sample and cannot shrink the decode. Here each sample is
 3. decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (``Image.draft``) when the crop box is
    at least that many times larger than the output on both sides, so the result is never
    upsampled by the reduction; the box is mapped onto the reduced image;
-4. cropped and resized: an integer box (the train crop at full resolution) decoded by
-   OpenCV when installed (the same libjpeg-turbo pixels as PIL, ~25% less CPU) and resized
-   by torch's uint8 antialiased bilinear kernel on the HWC pixels, which is what the
-   generic path runs (identical pixels) at about half PIL's cost; a fractional box (reduced decode, eval) by
-   PIL's ``resize(box=...)`` (the same filter, within 1 level); then flipped and written as
-   normalized float32 straight into the batch (allocated in shared memory in a worker), with
+4. cropped and resized: an integer box (the train crop at full resolution) of a colour JPEG
+   decoded alone by jpeg_window.c (libjpeg-turbo's partial decompression: the rows above the
+   box entropy-decoded only, nothing below it, most columns beside it skipped; the full
+   decode's pixels), else by OpenCV when installed (the whole file; the same pixels as PIL,
+   ~25% less CPU), and resized by torch's uint8 antialiased bilinear kernel on the HWC
+   pixels, which is what the generic path runs (identical pixels) at about half PIL's cost;
+   a fractional box (reduced decode, eval) by PIL's ``resize(box=...)`` (the same filter,
+   within 1 level); then flipped and written as normalized float32 straight into the batch
+   (in a worker: a reused shared-memory slot, batch_ring.py, else a fresh segment), with
    one batched ``__getitems__`` per batch instead of a per-sample collate. The per-sample
    seed goes to the CPU generator only (``torch.manual_seed`` also queues CUDA seeding and
    formats a stack each time: ~1 ms a sample).
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 
 from .augment import RRC_RATIO
+from .batch_ring import SlotTask
 from .flat import flatten_source
 from .image_header import jpeg_frame
 from .sources import DataError
@@ -69,17 +73,28 @@ def decode_crop(path: str, box_of, out: int, edge: bool) -> torch.Tensor:
     anything is decoded). ``edge``: the filter stops at the box (RandomResizedCrop crops, then
     resizes); else it reads the pixels around it (Resize, then CenterCrop)."""
     data = np.fromfile(path, dtype=np.uint8)       # read once: header, then decode
-    cv2 = _cv2() if edge else None
-    frame = jpeg_frame(data) if cv2 is not None else None
+    window, cv2 = (_window(), _cv2()) if edge else (None, None)
+    frame = jpeg_frame(data) if window or cv2 else None
     if frame is not None and frame[2] == 3:        # a colour JPEG: no PIL at all
         height, width = frame[0], frame[1]
         box = box_of(width, height)
         if (draft_scale(box[2] - box[0], box[3] - box[1], out) == 1
                 and all(float(v).is_integer() for v in box)
                 and b"\xff\xd9" in data[-64:].tobytes()):   # truncated: PIL raises
+            if window is not None:
+                return _crop_resize_window(window, data, box, out)
             return _crop_resize_cv2(cv2, data, box, height, width, out)
         return _decode_pil(data, lambda w, h: box, out, edge)
     return _decode_pil(data, box_of, out, edge)
+
+
+def _crop_resize_window(window, data, box, out: int) -> torch.Tensor:
+    """Only the box decoded (jpeg_window.c: the rows above it entropy-decoded only, nothing
+    below it, the columns beside it mostly skipped), then torch's uint8 antialiased resize."""
+    left, top, right, bottom = (int(v) for v in box)
+    hwc = np.empty((bottom - top, right - left, 3), np.uint8)
+    window.decode(data, top, left, bottom - top, right - left, hwc)
+    return _resize_u8(torch.from_numpy(hwc), out)
 
 
 def _crop_resize_cv2(cv2, data, box, height: int, width: int, out: int) -> torch.Tensor:
@@ -124,6 +139,28 @@ def _crop_resize_pil(im, box, out: int, edge: bool) -> torch.Tensor:
         im = im.crop(hull)
         box = (box[0] - hull[0], box[1] - hull[1], box[2] - hull[0], box[3] - hull[1])
     return _hwc(im.resize((out, out), Image.BILINEAR, box=box)).permute(2, 0, 1)
+
+
+_WINDOW: list = []
+
+
+def _window():
+    """The compiled window decoder (jpeg_window.c, built by ``pip install`` when gcc and
+    libjpeg-turbo's headers are there), else None: OpenCV or PIL decode the whole file."""
+    if not _WINDOW:
+        try:
+            from . import jpeg_window
+        except ImportError:
+            jpeg_window = None
+        _WINDOW.append(jpeg_window)
+    return _WINDOW[0]
+
+
+def decoder_name() -> str:
+    """Which decoder the train crops of colour JPEGs get, for logs and benchmarks."""
+    if _window() is not None:
+        return "window (libjpeg-turbo partial decode)"
+    return "OpenCV (whole file)" if _cv2() is not None else "PIL (whole file)"
 
 
 _CV2: list = []
@@ -242,9 +279,14 @@ class CropDecodeDataset(torch.utils.data.Dataset):
         return x[0], y[0]
 
     def __getitems__(self, keys):
-        out = self._batch(len(keys))
+        """(batch, labels); for a `batch_ring.SlotTask` with a slot, the batch is written
+        into ``self.ring`` (set by build_torchvision_loader) and only its slot returned."""
+        slot = None
+        if isinstance(keys, SlotTask):
+            slot, keys = keys
+        out = self._batch(len(keys)) if slot is None else self.ring[slot, :len(keys)]
         index = [self._image(k, out[b]) for b, k in enumerate(keys)]
-        return out, torch.from_numpy(self.labels[index])
+        return out if slot is None else slot, torch.from_numpy(self.labels[index])
 
 
 def collate_batch(batch):

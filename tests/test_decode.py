@@ -70,8 +70,20 @@ def _levels(a, b, std):
     return (a - b).abs() * torch.tensor(std).view(1, -1, 1, 1) * 255
 
 
+@pytest.fixture(params=["window", "whole file"])
+def decoder(request, monkeypatch):
+    """The train crops of colour JPEGs decoded by jpeg_window.c, or (without it) whole."""
+    from ltrainer.data_pipelines import decode
+
+    if request.param == "window" and decode._window() is None:
+        pytest.skip("jpeg_window not built")
+    if request.param == "whole file":
+        monkeypatch.setattr(decode, "_WINDOW", [None])
+    return request.param
+
+
 @pytest.mark.parametrize("train", [True, False])
-def test_full_resolution_matches_generic_path(tmp_path, train):
+def test_full_resolution_matches_generic_path(tmp_path, train, decoder):
     rng = np.random.default_rng(0)
     shapes = [(500, 375), (375, 500), (500, 333), (320, 240)]
     src = _files(tmp_path, [_photo(rng, *shapes[k % 4]) for k in range(12)])
@@ -117,7 +129,7 @@ def test_draft_scale_and_eval_box():
     assert (right - left, bottom - top) == pytest.approx((224 * sx, 224 * sy))
 
 
-def test_gray_model_and_bad_file(tmp_path):
+def test_gray_model_and_bad_file(tmp_path, decoder):
     rng = np.random.default_rng(1)
     src = _files(tmp_path, [_photo(rng, 400, 300) for _ in range(3)])
     ref, fast, _ = _pair(src, False, channels=1)
@@ -135,7 +147,7 @@ def test_gray_model_and_bad_file(tmp_path):
         train.__getitems__([(2, 5)])
 
 
-def test_loader_uses_it_and_keeps_batches(tmp_path):
+def test_loader_uses_it_and_keeps_batches(tmp_path, decoder):
     rng = np.random.default_rng(2)
     src = _files(tmp_path, [_photo(rng, 500, 375) for _ in range(10)])
     ref, _, spec = _pair(src, True)

@@ -46,6 +46,13 @@ apt_install "$FFCV_APT" \
   "FFCV needs 'sudo apt-get install $FFCV_APT'; installing without FFCV (its tests skip)" \
   || EXTRAS="dev,slurm,timm,dali"
 
+# data_pipelines/jpeg_window.c (the torchvision backend's partial JPEG decoding) is compiled
+# by the install below when a C compiler and the headers are there; without them the backend
+# decodes whole files (slower, the same pixels).
+apt_install "gcc python3-dev libjpeg62-turbo-dev" \
+  "jpeg_window is not built without 'sudo apt-get install gcc python3-dev libjpeg62-turbo-dev'" \
+  || true
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   python3 -m venv "$VENV"
@@ -60,4 +67,6 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
 fi
 echo "== installing the project, its test dependencies and the loaders ($EXTRAS)"
 "$PIP" install -q -e ".[$EXTRAS]"
+"$VENV/bin/python" -c "from ltrainer.data_pipelines.decode import decoder_name as d
+print('== torchvision backend, train crops of colour JPEGs:', d())"
 touch "$STAMP"
