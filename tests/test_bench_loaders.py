@@ -59,3 +59,20 @@ def test_profile_dali_prints_a_row_per_variant(tmp_path, capsys):
     cubic = rows["+ resize, cubic"]
     assert abs(float(cubic[0]) - roi - float(cubic[2])) < 0.015
     assert rows["+ normalise: the seeded train graph (dali_graph.graph)"][3] == "1.00"
+
+
+def test_ablation_rows_and_the_decoder_named(tmp_path, capsys):
+    """--ablate: the torchvision row, and one row each without the window decoder and without
+    reused batch memory; the header names the decoder the torchvision rows' crops got."""
+    from ltrainer.data_pipelines.decode import decoder_name
+    from ltrainer.tools.bench_loaders import main
+
+    assert main(["--work-dir", str(tmp_path), "--sets", "photo", "--n", "16", "--batch", "8",
+                 "--rounds", "1", "--threads", "2", "--backends", "torchvision",
+                 "--baseline-rev", "", "--ablate"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1].strip() for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| backend")]
+    assert rows[:4] == ["torchvision", "torchvision, whole-file decode",
+                        "torchvision, fresh batch memory", "decode-only PIL"]
+    assert f"torchvision's train crops: {decoder_name()}" in out

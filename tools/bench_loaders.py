@@ -125,7 +125,8 @@ class DecodeCeiling:
 class LoaderRun:
     """One backend's training loader over the set, one epoch per round."""
 
-    def __init__(self, backend, cfg, dataset, batch, threads):
+    def __init__(self, backend, cfg, dataset, batch, threads, window=True, reuse=True):
+        from ltrainer.data_pipelines import decode
         from ltrainer.data_pipelines.loaders import augment_spec, make_train_loader
         from ltrainer.data_pipelines.samplers import build_sampler
         from ltrainer.data_pipelines.torchvision_loader import build_torchvision_loader
@@ -133,11 +134,19 @@ class LoaderRun:
         self.sampler = build_sampler("uniform", dataset.source.labels, batch_size=batch)
         if backend == "torchvision":   # `threads` workers, as the other backends get
             self.loader = build_torchvision_loader(dataset, self.sampler, batch, threads, 0,
-                                                   spec=augment_spec(cfg, True, 3))
+                                                   spec=augment_spec(cfg, True, 3),
+                                                   reuse_batches=reuse)
         else:
             self.loader = make_train_loader(cfg, dataset, self.sampler, batch_size=batch,
                                             seed=0, in_channels=3, backend=backend)
         self.epoch = 0
+        kept = decode._WINDOW[:]
+        if not window:                 # --ablate: the workers fork without jpeg_window
+            decode._WINDOW[:] = [None]
+        try:
+            self.run()                 # warm-up epoch: worker start, FFCV's numba compile
+        finally:
+            decode._WINDOW[:] = kept
 
     def run(self) -> int:
         self.sampler.set_epoch(self.epoch)
@@ -279,10 +288,14 @@ def bench_set(name, list_path, root, args, threads, work) -> dict:
                          if f.endswith(".beton")) / 2 ** 20
                 print(f"ffcv [{tag}]: .beton {mb:.0f} MiB ({time.time() - t0:.0f} s)")
                 variants.append((f"ffcv [{tag}]", {**cfg, "beton_dir": folder}))
-        for row, row_cfg in variants:
+        if backend == "torchvision" and args.ablate:
+            variants = [(backend, cfg, {}), (f"{backend}, whole-file decode", cfg,
+                                             {"window": False}),
+                        (f"{backend}, fresh batch memory", cfg, {"reuse": False})]
+        for row, row_cfg, *options in variants:
             t0 = time.time()
-            runs[row] = LoaderRun(backend, row_cfg, dataset, args.batch, threads)
-            runs[row].run()  # warm-up epoch: worker start, FFCV's numba compile
+            runs[row] = LoaderRun(backend, row_cfg, dataset, args.batch, threads,
+                                  **(options[0] if options else {}))
             print(f"{row}: ready ({time.time() - t0:.1f} s set-up and warm-up epoch)",
                   flush=True)
     paths = [src.full_path(i) for i in range(len(src))]
@@ -310,6 +323,8 @@ def bench_set(name, list_path, root, args, threads, work) -> dict:
         for run in runs.values():
             run.close()
 
+    from ltrainer.data_pipelines.decode import decoder_name
+
     best = {k: max(v) for k, v in rates.items()}
     base = best.get(f"torchvision @{args.baseline_rev}") or best.get("torchvision")
     ceiling = max(best[c] for c in ceilings)
@@ -317,7 +332,8 @@ def bench_set(name, list_path, root, args, threads, work) -> dict:
     lines = [f"{name}: {len(src)} JPEGs ({list_path}, {kb:.0f} KB on average), {args.augment} "
              f"train recipe at {args.image_size} px, batch {args.batch}, {threads} loader "
              f"thread(s)/process(es) each, best / median of {args.rounds} rounds (img/s); "
-             f"x = over the baseline row, ceiling = the faster decode-only row", "",
+             f"x = over the baseline row, ceiling = the faster decode-only row; "
+             f"torchvision's train crops: {decoder_name()}", "",
              f"| backend | img/s best | img/s median | x {base and 'baseline'} | "
              f"of the decode ceiling | CPU ms/img |", "|---|---:|---:|---:|---:|---:|"]
     for k, v in rates.items():
@@ -371,6 +387,9 @@ def main(argv=None) -> int:
                         "mode=raw|jpg|smart, quality=1-100, max_side=N (0 = keep)")
     p.add_argument("--work-dir", help="where the generated sets and .betons go (default: temp)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--ablate", action="store_true",
+                   help="torchvision also without its window decoder, and without reused "
+                        "batch memory (one row each)")
     args = p.parse_args(argv)
 
     threads = args.threads or len(os.sched_getaffinity(0))
