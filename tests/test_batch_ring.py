@@ -93,3 +93,37 @@ def test_partial_last_batch_and_when_it_is_used(dataset):
         loader = build_torchvision_loader(dataset, sampler, 5, args.pop("workers"), seed=1,
                                           **args)
         assert isinstance(loader, torch.utils.data.DataLoader), kwargs
+
+
+def test_engine_trains_the_same_weights_with_reused_worker_memory(tmp_path, monkeypatch):
+    """Two epochs from photo-like JPEG files with the imagenet recipe: the run whose worker
+    batches go through the ring (data.workers=1, slots reused within each epoch) ends with
+    the weights of the run decoding in the training process (data.workers=0): no batch was
+    rewritten while a step still read it."""
+    from ltrainer.tools.bench_loaders import make_photo_set
+    from ltrainer.trainer.config import load_config
+    from ltrainer.trainer.engine import train
+
+    listed = make_photo_set(str(tmp_path / "set"), n=48, classes=3)
+    handed = []
+    real = RingLoader._hand_out
+    monkeypatch.setattr(RingLoader, "_hand_out", lambda self, *a: handed.append(a) or
+                        real(self, *a))
+    weights = {}
+    for workers in (0, 1):
+        cfg = load_config(None, [
+            "data.source=list", f"data.root={tmp_path / 'set'}", f"data.train_list={listed}",
+            f"data.test_list={listed}", "data.num_classes=3", "data.stats=imagenet",
+            "data.augment=imagenet", "data.image_size=32", "data.n_max=16", "data.rho=1",
+            "data.batch_size=4", "data.eval_batch_size=16", f"data.workers={workers}",
+            "model.name=resnet8", "sched.epochs=2", "sched.warmup_epochs=0",
+            "eval.every_epochs=1", "engine.progress=none", "run.deterministic=true",
+            f"run.out_dir={tmp_path}", f"run.name=w{workers}"])
+        res = train(cfg)
+        assert res["global_step"] == 2 * 48 // 4
+        assert (len(handed) >= 2 * 12) == (workers == 1)   # the train batches came by the ring
+        weights[workers] = torch.load(tmp_path / f"w{workers}" / "model_final.pt",
+                                      weights_only=True)
+    a, b = weights[0], weights[1]
+    a, b = a.get("model", a), b.get("model", b)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
