@@ -71,8 +71,10 @@ def test_ablation_rows_and_the_decoder_named(tmp_path, capsys):
                  "--rounds", "1", "--threads", "2", "--backends", "torchvision",
                  "--baseline-rev", "", "--ablate"]) == 0
     out = capsys.readouterr().out
-    rows = [line.split("|")[1].strip() for line in out.splitlines()
-            if line.startswith("| ") and not line.startswith("| backend")]
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+             if line.startswith("| ") and not line.startswith("| backend")]
+    rows = [cells[0] for cells in table]
+    assert all(float(cells[-1]) > 0 for cells in table), table    # CPU ms/img
     assert rows[:4] == ["torchvision", "torchvision, whole-file decode",
                         "torchvision, fresh batch memory", "decode-only PIL"]
     assert f"torchvision's train crops: {decoder_name()}" in out

@@ -158,7 +158,11 @@ class LoaderRun:
         return n
 
     def close(self):
-        pass
+        """Stop its workers now, not when the garbage collector reaches it in a later set."""
+        import gc
+
+        self.loader = None
+        gc.collect()
 
 
 _CHILD = r"""
@@ -354,10 +358,12 @@ def cpu_seconds() -> float:
         t = os.times()
         return t.user + t.system + t.children_user + t.children_system
     me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
+    # user, system and those of its reaped children: a worker that exits mid-round (another
+    # row's loader shut down) moves its time into its parent's children_* fields, not away
+    total = sum(me.cpu_times()[:4])
     for child in me.children(recursive=True):
         try:
-            total += sum(child.cpu_times()[:2])
+            total += sum(child.cpu_times()[:4])
         except psutil.NoSuchProcess:
             pass
     return total
