@@ -18,6 +18,10 @@ segment. A batch left in flight when an epoch is abandoned (``break``) gets its 
 the next epoch starts: by then the DataLoader has waited for every worker to finish the old
 tasks. What does not keep a slot: ``batch.numpy()`` and ``batch.untyped_storage()`` (they
 hold the memory, not the tensor): copy (``.clone()``) what must outlive the batch tensor.
+
+Memory: a slot's pages are allocated when first written, so the ring holds about what the
+DataLoader's own peak was (the batches in flight and held), but for the loader's whole life
+(a train ring stays resident while the eval loader runs) instead of batch by batch.
 """
 from __future__ import annotations
 
