@@ -128,3 +128,45 @@ def test_corrupt_data_decodes_as_opencv_decodes_it():
             np.testing.assert_array_equal(_decode(data, top, left, h, w),
                                           full[top:top + h, left:left + w], err_msg=str(seed))
     assert warned >= 1, "no case that PIL refuses: the test lost its point"
+
+
+_FUZZ = r"""
+import io, sys
+import numpy as np
+from PIL import Image
+from ltrainer.data_pipelines import jpeg_window
+rng = np.random.default_rng(int(sys.argv[1]))
+files = []
+for sub, prog in [(0, False), (1, False), (2, False), (2, True)]:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(
+        buf, "JPEG", quality=90, subsampling=sub, progressive=prog)
+    files.append(np.frombuffer(buf.getvalue(), np.uint8))
+done = 0
+for i in range(int(sys.argv[2])):
+    data = files[i % 4].copy()
+    for _ in range(int(rng.integers(1, 8))):
+        data[rng.integers(0, len(data))] = rng.integers(0, 256)
+    if rng.random() < 0.2:
+        data = data[:rng.integers(1, len(data))]
+    top, left = int(rng.integers(0, 100)), int(rng.integers(0, 140))
+    h, w = int(rng.integers(1, 121 - top)), int(rng.integers(1, 161 - left))
+    try:
+        jpeg_window.decode(data, top, left, h, w, np.empty((h, w, 3), np.uint8))
+    except ValueError:
+        pass
+    done += 1
+print(done)
+"""
+
+
+def test_mutated_files_never_crash_the_process():
+    """Random byte changes and cuts in baseline and progressive files, random windows: each
+    decodes or raises ValueError; the process survives (run apart: a crash is a signal)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _FUZZ, "11", "1500"], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "1500"
