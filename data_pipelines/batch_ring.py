@@ -26,7 +26,6 @@ DataLoader's own peak was (the batches in flight and held), but for the loader's
 from __future__ import annotations
 
 import collections
-import math
 import weakref
 from typing import NamedTuple
 
@@ -93,9 +92,9 @@ class RingLoader:
     def _hand_out(self, slot: int, n: int) -> torch.Tensor:
         del self._pending[slot]
         shape = (n, *self.memory.shape[2:])
-        per_slot = math.prod(self.memory.shape[1:])
         x = torch.empty(0, dtype=self.memory.dtype).set_(
-            self.memory.untyped_storage(), slot * per_slot, shape, self.memory.stride()[1:])
+            self.memory.untyped_storage(), slot * self.memory.stride(0), shape,
+            self.memory.stride()[1:])
         weakref.finalize(x, self._free.append, slot)   # not a view of memory: its own base
         return x
 

@@ -73,7 +73,8 @@ def decode_crop(path: str, box_of, out: int, edge: bool) -> torch.Tensor:
     anything is decoded). ``edge``: the filter stops at the box (RandomResizedCrop crops, then
     resizes); else it reads the pixels around it (Resize, then CenterCrop)."""
     data = np.fromfile(path, dtype=np.uint8)       # read once: header, then decode
-    window, cv2 = (_window(), _cv2()) if edge else (None, None)
+    window = _window() if edge else None
+    cv2 = _cv2() if edge and window is None else None   # OpenCV only imported to replace it
     frame = jpeg_frame(data) if window or cv2 else None
     if frame is not None and frame[2] == 3:        # a colour JPEG: no PIL at all
         height, width = frame[0], frame[1]
